@@ -1,0 +1,136 @@
+"""The layer-range contract shared by every language-model family (OPT, T5 decoder).
+
+Early exits, exit training and KV state propagation all need the same thing: run any contiguous
+range of decoder layers on a hidden state, reading and writing that range's slice of the KV cache.
+Every LM family implements `DecoderStack`; code above the backbone (exits, decoding, training) only
+talks to this protocol, never to OPT or T5 internals.
+
+Conventions
+-----------
+* Layer parameters are *stacked*: ``lm_params['layers']`` is a pytree whose leaves have a leading
+  axis of length L (number of decoder layers). ``slice_layers(tree, a, b)`` gives layers [a, b).
+* A full (uncached) forward is a prefill into a fresh cache of length T: there is one attention
+  code path, so cached decoding equals the full forward by construction of the masks, not by luck.
+* Prompts are left-padded, so a single write index serves the whole batch; per-row validity lives in
+  ``KVCache.valid``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Self-attention KV cache for a stack of layers.
+
+  Attributes:
+    k: float[L, B, S, H, Dh] keys of each layer (S = max cache length).
+    v: float[L, B, S, H, Dh] values of each layer.
+    valid: bool[B, S] which cache slots hold a real (non-padding) token; shared by all layers.
+    index: int32[] next slot to write; the T tokens of a step occupy [index, index + T).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, num_layers: int, batch: int, max_length: int, num_heads: int, head_dim: int,
+            dtype=jnp.float32) -> 'KVCache':
+    shape = (num_layers, batch, max_length, num_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[2]
+
+  def mark_valid(self, token_valid: jax.Array) -> 'KVCache':
+    """Marks the slots of the next T tokens (bool[B, T]) before any layer writes them."""
+    chex.assert_rank(token_valid, 2)
+    valid = jax.lax.dynamic_update_slice(self.valid, token_valid.astype(bool), (0, self.index))
+    return self.replace(valid=valid)
+
+  def advance(self, num_tokens: int) -> 'KVCache':
+    """Moves the write index past the T tokens of this step, once every layer has written them."""
+    return self.replace(index=self.index + num_tokens)
+
+  def layers(self, start: int, end: int) -> 'KVCache':
+    """The cache of layers [start, end) (static bounds)."""
+    return self.replace(k=self.k[start:end], v=self.v[start:end])
+
+  def with_layers(self, start: int, sub: 'KVCache') -> 'KVCache':
+    """Writes a sub-cache (as returned by `layers`) back at layer offset `start`."""
+    end = start + sub.k.shape[0]
+    return self.replace(k=self.k.at[start:end].set(sub.k), v=self.v.at[start:end].set(sub.v))
+
+
+def slice_layers(stacked: PyTree, start: int, end: int) -> PyTree:
+  """Layers [start, end) of a stacked layer-parameter tree (static bounds)."""
+  return jax.tree.map(lambda x: x[start:end], stacked)
+
+
+def attention_mask(cache: KVCache, num_queries: int) -> jax.Array:
+  """bool[B, T, S]: query t (at slot index + t) may see key s iff s is valid and s <= its slot."""
+  query_slots = cache.index + jnp.arange(num_queries)
+  key_slots = jnp.arange(cache.max_length)
+  causal = key_slots[None, :] <= query_slots[:, None]
+  return causal[None] & cache.valid[:, None, :]
+
+
+class DecoderStack(Protocol):
+  """What every LM family provides (see opt.OPTStack, t5.T5Stack).
+
+  `ctx` is a family-specific pytree built by `make_context` (positions for OPT; positions, relative
+  position bias and encoder cross-attention K/V for T5). It is the same for every layer range of a
+  step, so it is built once per step.
+  """
+
+  num_layers: int
+  hidden_size: int
+  num_heads: int
+  head_dim: int
+
+  def init_cache(self, batch: int, max_length: int) -> KVCache:
+    """A zero cache for all L layers."""
+
+  def embed(self, lm_params: PyTree, input_ids: jax.Array | None = None,
+            inputs_embeds: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    """float[B, T, D] input of layer 0 from int[B, T] ids or float[B, T, E] token embeddings."""
+
+  def make_context(self, lm_params: PyTree, cache: KVCache, positions: jax.Array,
+                   encoder: Any = None) -> PyTree:
+    """Per-step inputs shared by all layers (positions int[B, T], encoder state for T5)."""
+
+  def apply_layers(self, layers_params: PyTree, h: jax.Array, cache: KVCache,
+                   ctx: PyTree) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Runs a stack of n layers (params with leading axis n, cache with n layers).
+
+    Returns (h_out float[B, T, D], hiddens float[n, B, T, D] after each layer, updated cache).
+    Writes the T tokens' K/V at slots [cache.index, cache.index + T); does not advance the index.
+    Used both for the backbone's layer ranges and for exit transformers (n = 1).
+    """
+
+  def run_layers(self, lm_params: PyTree, h: jax.Array, cache: KVCache, ctx: PyTree, start: int,
+                 end: int) -> tuple[jax.Array, jax.Array, KVCache]:
+    """`apply_layers` on backbone layers [start, end) and their slice of `cache` (all L layers)."""
+
+  def propagate_kv(self, lm_params: PyTree, h: jax.Array, cache: KVCache, ctx: PyTree, start: int,
+                   end: int) -> KVCache:
+    """State propagation: writes K/V of layers [start, end) computed from hidden state h (each
+    layer's own input norm and K/V projections applied to h), in one batched computation."""
+
+  def final_features(self, lm_params: PyTree, h: jax.Array) -> jax.Array:
+    """The LM head's input: final norm (and OPT's project_out) applied to a layer output."""
+
+  def logits(self, lm_params: PyTree, features: jax.Array) -> jax.Array:
+    """float[B, T, V] from `final_features` output (tied/untied head, T5 scaling included)."""
