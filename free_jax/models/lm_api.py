@@ -134,3 +134,41 @@ class DecoderStack(Protocol):
 
   def logits(self, lm_params: PyTree, features: jax.Array) -> jax.Array:
     """float[B, T, V] from `final_features` output (tied/untied head, T5 scaling included)."""
+
+
+def token_positions(cache: KVCache, num_tokens: int) -> jax.Array:
+  """int32[B, T] position of each of this step's tokens (call after `mark_valid`).
+
+  A token's position is the number of real tokens before it in its row, as HF computes OPT's
+  positions from the attention mask (cumsum): with left padding the first real token is at 0.
+  Padding tokens get -1, as in HF.
+  """
+  counts = jnp.cumsum(cache.valid, axis=1, dtype=jnp.int32) - 1
+  start = (0, cache.index)
+  size = (cache.valid.shape[0], num_tokens)
+  valid = jax.lax.dynamic_slice(cache.valid, start, size)
+  return jnp.where(valid, jax.lax.dynamic_slice(counts, start, size), -1)
+
+
+def begin_step(stack: DecoderStack, lm_params: PyTree, cache: KVCache, token_valid: jax.Array,
+               input_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+               encoder: Any = None) -> tuple[jax.Array, KVCache, PyTree]:
+  """The start of every step (prefill or one token): mark slots, embed, build the layer context.
+
+  Args:
+    stack: the LM family.
+    lm_params: its parameters.
+    cache: the cache before this step.
+    token_valid: bool[B, T] real (non-padding) tokens of this step.
+    input_ids: int[B, T], or
+    inputs_embeds: float[B, T, E] token embeddings (e.g. with the image prefix in place).
+    encoder: the family's encoder state (T5), passed to `make_context`.
+
+  Returns:
+    (h float[B, T, D] input of layer 0, cache with the slots marked, ctx). After running all layers
+    the caller advances the cache by T.
+  """
+  cache = cache.mark_valid(token_valid)
+  positions = token_positions(cache, token_valid.shape[1])
+  h = stack.embed(lm_params, input_ids=input_ids, inputs_embeds=inputs_embeds, positions=positions)
+  return h, cache, stack.make_context(lm_params, cache, positions, encoder)

@@ -1,0 +1,22 @@
+r"""Embedded FREE benchmark, captioning: Sort-of-CLEVR scene descriptions on the tiny BLIP-2.
+
+  python experiments/train.py --config=experiments/configs/caption.py --workdir=workdir/caption
+  python experiments/train.py --config=experiments/configs/caption.py:smoke --workdir=/tmp/smoke_cap
+"""
+
+from free_jax import configs
+
+
+def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
+  c = configs.base_config()
+  c.data.task = 'caption'
+  c.data.max_text_length = 40      # captions are a few clauses long
+  c.eval.max_new_tokens = 32       # a whole caption
+  c.eval.risk_delta = 0.05         # token-level disagreement is tolerated a bit more for captions
+  if arg == 'smoke':
+    configs.smoke(c)
+    c.eval.max_new_tokens = 8
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'smoke'")
+  c.lock()
+  return c

@@ -1,0 +1,122 @@
+"""The config schema shared by every experiment config (experiments/configs/*.py).
+
+Each experiment file calls `base_config()`, overrides what it needs and returns the config locked, so a
+typo on the command line (`--config.exits.layerz=...`) fails at once instead of being silently ignored.
+Every field is documented here, once.
+"""
+
+import ml_collections
+
+TASKS = ('vqa', 'caption')
+DATA_SOURCES = ('sort_of_clevr', 'clevr', 'coco_captions', 'vqav2')
+FREE_MODES = ('semi_supervised', 'unsupervised_kd', 'unsupervised_pseudo', 'ce_only', 'kd_only', 'cosine')
+CONFIDENCE_MEASURES = ('max_prob', 'top2_margin', 'entropy', 'patience')
+
+
+def embedded_backbone() -> ml_collections.ConfigDict:
+  """A BLIP-2-shaped tiny backbone (ViT -> Q-Former -> OPT) that free_jax trains itself on CPU."""
+  c = ml_collections.ConfigDict()
+  c.image_size = 64            # input resolution of the vision encoder (pixels, square)
+  c.patch_size = 8             # ViT patch size -> (64/8)^2 = 64 patches
+  c.vision_hidden = 128        # ViT width
+  c.vision_layers = 3          # ViT depth
+  c.vision_heads = 4           # ViT attention heads
+  c.qformer_hidden = 128       # Q-Former width
+  c.qformer_layers = 2         # Q-Former depth (cross-attention in every layer)
+  c.num_query_tokens = 16      # learned queries = image tokens seen by the LM
+  c.lm_hidden = 128            # OPT width
+  c.lm_layers = 8              # OPT depth: deep enough for exits to matter
+  c.lm_heads = 4               # OPT attention heads
+  c.lm_ffn = 512               # OPT feed-forward width
+  c.max_positions = 128        # OPT learned positions (prompt + image tokens + answer)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field any stage reads, with defaults for the embedded VQA benchmark (unlocked)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                    # PRNG seed for parameter init and anything stochastic in training
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = 'embedded'   # 'embedded' (train a tiny backbone here) or 'pretrained' (local HF dir)
+  c.model.pretrained_path = ''  # local directory with HF BLIP-2 config.json + *.safetensors + tokenizer
+  c.model.dtype = 'float32'     # 'float32' or 'bfloat16': params and activations of the frozen backbone
+  c.model.embedded = embedded_backbone()
+
+  c.backbone_train = ml_collections.ConfigDict()  # stage 1 (embedded only): end-to-end CE training
+  c.backbone_train.steps = 3000         # optimizer steps; skipped when a cached backbone exists
+  c.backbone_train.batch_size = 64      # global batch size
+  c.backbone_train.learning_rate = 1e-3  # AdamW peak learning rate (warmup + cosine decay)
+  c.backbone_train.warmup_steps = 200   # linear warmup steps
+  c.backbone_train.weight_decay = 0.01  # AdamW weight decay
+  c.backbone_train.num_examples = 40000  # generated training examples (cycled over epochs)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = 'vqa'                # one of TASKS
+  c.data.source = 'sort_of_clevr'    # one of DATA_SOURCES; real sources read from data_dir only
+  c.data.data_dir = ''               # tfds data_dir / VQAv2 root for real sources (never downloaded)
+  c.data.seed = 0                    # seed of the training split (generator stream / shuffling)
+  c.data.test_seed = 1               # seed of the test split (a fresh test set per value)
+  c.data.num_train = 20000           # training examples for the exit stage
+  c.data.num_calibration = 500       # calibration examples for the exit threshold
+  c.data.num_test = 1000             # test examples for evaluation
+  c.data.label_fraction = 0.1        # share of training examples whose labels the exit stage may use
+  c.data.max_text_length = 24        # text tokens after the image tokens (prompt + target, padded)
+
+  c.exits = ml_collections.ConfigDict()
+  c.exits.layers = (2, 4, 6)         # exit after these many LM layers (1 <= l < num_layers)
+  c.exits.init = 'next_layer'        # exit transformer init: 'next_layer' (copy layer l+1), 'random'
+  c.exits.separate_head = False      # False: frozen backbone norm + LM head (paper); True: trainable head
+
+  c.discriminator = ml_collections.ConfigDict()
+  c.discriminator.hidden = 256       # MLP width of each per-exit discriminator
+  c.discriminator.depth = 2          # hidden layers of the discriminator MLP
+
+  c.free = ml_collections.ConfigDict()
+  c.free.mode = 'semi_supervised'    # one of FREE_MODES (the last three are baselines)
+  c.free.adv_weight = 1.0            # weight of the non-saturating adversarial loss
+  c.free.ce_weight = 1.0             # weight of CE on labelled targets (or pseudo-labels)
+  c.free.kd_weight = 1.0             # weight of KD / cosine terms in the modes that use them
+  c.free.kd_temperature = 1.0        # softmax temperature of knowledge distillation
+  c.free.r1_weight = 0.0             # R1 gradient penalty on real features (0 = off)
+  c.free.label_smoothing = 0.0       # one-sided smoothing of the discriminator's real label (0 = off)
+
+  c.train = ml_collections.ConfigDict()  # stage 2: exits and discriminators (backbone frozen)
+  c.train.steps = 1500               # steps of the alternating D/G updates
+  c.train.batch_size = 64            # global batch size (divisible by the device count)
+  c.train.g_learning_rate = 3e-4     # exit (generator) AdamW peak learning rate
+  c.train.d_learning_rate = 1e-4     # discriminator AdamW peak learning rate
+  c.train.warmup_steps = 100         # linear warmup of both schedules
+  c.train.grad_clip = 1.0            # global-norm gradient clipping
+  c.train.log_every = 25             # steps between metrics.jsonl / TensorBoard records
+  c.train.checkpoint_every = 250     # steps between orbax checkpoints
+  c.train.keep_checkpoints = 3       # orbax max_to_keep
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.confidence = 'max_prob'     # one of CONFIDENCE_MEASURES
+  c.eval.threshold = -1.0            # fixed exit threshold; < 0 means calibrate it (below)
+  c.eval.patience = 2                # k for the patience measure (same token from k consecutive exits)
+  c.eval.calibration_reference = 'full_model'  # risk against 'full_model' outputs or 'ground_truth'
+  c.eval.risk_delta = 0.01           # tolerated disagreement rate delta
+  c.eval.risk_epsilon = 0.1          # the guarantee holds with probability >= 1 - epsilon
+  c.eval.max_new_tokens = 4          # generated tokens (answers are one word + EOS)
+  c.eval.batch_size = 1              # decoding batch size for quality and wall-clock figures
+  c.eval.timing_repeats = 5          # repeats of the interleaved full vs early-exit timing (medians)
+  c.eval.num_sweep_thresholds = 11   # thresholds in the quality-vs-speedup sweep
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config so a full run (backbone + exits + evaluation) takes well under a minute."""
+  e = c.model.embedded
+  e.vision_hidden, e.vision_layers, e.qformer_hidden, e.qformer_layers = 32, 1, 32, 1
+  e.num_query_tokens, e.lm_hidden, e.lm_layers, e.lm_ffn = 4, 32, 4, 64
+  c.exits.layers = (1, 2)
+  c.backbone_train.steps, c.backbone_train.batch_size, c.backbone_train.num_examples = 20, 16, 256
+  c.backbone_train.warmup_steps = 5
+  c.data.num_train, c.data.num_calibration, c.data.num_test = 128, 32, 32
+  c.train.steps, c.train.batch_size, c.train.warmup_steps = 10, 16, 2
+  c.train.log_every, c.train.checkpoint_every = 5, 5
+  c.discriminator.hidden = 32
+  c.eval.timing_repeats, c.eval.num_sweep_thresholds = 2, 3
+  return c

@@ -1,0 +1,139 @@
+"""Building blocks shared by the language-model families: cached self-attention, MLP, layer scan.
+
+Shapes: B batch, T tokens of this step, S cache slots, H heads, Dh head size, D model width,
+L layers. Cache layout and masks follow `free_jax.models.lm_api` (one write index for the batch,
+per-row validity in ``KVCache.valid``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from free_jax.models.lm_api import KVCache
+from free_jax.models.vit import hf_activation
+
+PyTree = Any
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention over a KV cache, with HF-style ``q/k/v/out_proj`` projections.
+
+  Attributes:
+    features: D, the model width (input and output).
+    num_heads: H.
+    head_dim: Dh.
+    use_bias: whether the four projections have biases (OPT: yes, T5: no).
+    scale_query: multiply queries by Dh**-0.5 before the dot product (OPT); T5 does not scale.
+    dtype: computation (and initialisation) dtype.
+  """
+
+  features: int
+  num_heads: int
+  head_dim: int
+  use_bias: bool = True
+  scale_query: bool = True
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    dense = lambda n: nn.Dense(n, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.dtype)
+    inner = self.num_heads * self.head_dim
+    self.q_proj, self.k_proj, self.v_proj = dense(inner), dense(inner), dense(inner)
+    self.out_proj = dense(self.features)
+
+  def _heads(self, y: jax.Array) -> jax.Array:
+    return y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
+
+  def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """K/V of inputs float[B, T, D]: two float[B, T, H, Dh] (what state propagation writes)."""
+    return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+  def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array,
+               index: jax.Array, bias: jax.Array | None = None):
+    """Attends the T tokens x to the cache after inserting their own K/V at slot `index`.
+
+    Args:
+      x: float[B, T, D] (already normalised if the layer is pre-LN).
+      k_cache: float[B, S, H, Dh] this layer's keys before this step.
+      v_cache: float[B, S, H, Dh] this layer's values before this step.
+      mask: bool[B, T, S] which slots each query may see (`lm_api.attention_mask`).
+      index: int32[] first slot of this step's tokens.
+      bias: optional additive float[B or 1, H, T, S] (T5's relative position bias).
+
+    Returns:
+      (out float[B, T, D], k float[B, T, H, Dh], v float[B, T, H, Dh]); the caller writes k, v
+      into the stacked cache (see `scan_layers`).
+    """
+    chex.assert_rank([x, k_cache, mask], [3, 4, 3])
+    q = self._heads(self.q_proj(x))
+    if self.scale_query:  # HF OPT scales q before the product; same order for bit-closeness.
+      q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    k, v = self.project_kv(x)
+    start = (0, index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+    values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+    out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), bias=bias,
+                                       mask=mask[:, None], scale=1.0)
+    return self.out_proj(out.reshape(*x.shape[:-1], -1)), k, v
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward ``fc2(act(fc1(x)))`` (OPT's layout)."""
+
+  hidden: int
+  activation: str = 'relu'
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = lambda n, name: nn.Dense(n, use_bias=self.use_bias, dtype=self.dtype,
+                                     param_dtype=self.dtype, name=name)
+    return dense(x.shape[-1], 'fc2')(hf_activation(self.activation)(dense(self.hidden, 'fc1')(x)))
+
+
+LayerFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array],
+                   tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def scan_layers(apply_layer: LayerFn, layers_params: PyTree, h: jax.Array, cache: KVCache,
+                first_layer: int = 0) -> tuple[jax.Array, jax.Array, KVCache]:
+  """Runs stacked layers in a `lax.scan`, writing each layer's new K/V into `cache` in place.
+
+  Only the T new slots are written (a `dynamic_update_slice` on the scan carry), so a decode step
+  does not copy the cache.
+
+  Args:
+    apply_layer: (layer_params, h, k_cache_l float[B,S,H,Dh], v_cache_l) -> (h, k_new, v_new) with
+      k_new, v_new float[B, T, H, Dh].
+    layers_params: pytree with leading axis n.
+    h: float[B, T, D] input of the first layer.
+    cache: cache whose layers [first_layer, first_layer + n) belong to these layers.
+    first_layer: static layer offset into `cache`.
+
+  Returns:
+    (h_out float[B, T, D], hiddens float[n, B, T, D] after each layer, cache).
+  """
+  def body(carry, layer_params):
+    h, k_all, v_all, i = carry
+    h, k_new, v_new = apply_layer(layer_params, h, k_all[i], v_all[i])
+    slot = (i, 0, cache.index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k_new[None].astype(k_all.dtype), slot)
+    v_all = jax.lax.dynamic_update_slice(v_all, v_new[None].astype(v_all.dtype), slot)
+    return (h, k_all, v_all, i + 1), h
+
+  init = (h, cache.k, cache.v, jnp.asarray(first_layer, jnp.int32))
+  (h, k, v, _), hiddens = jax.lax.scan(body, init, layers_params)
+  return h, hiddens, cache.replace(k=k, v=v)
+
+
+def write_layers_kv(cache: KVCache, k: jax.Array, v: jax.Array, first_layer: int) -> KVCache:
+  """Writes float[n, B, T, H, Dh] K/V of layers [first_layer, first_layer + n) at the write index."""
+  slot = (first_layer, 0, cache.index, 0, 0)
+  return cache.replace(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), slot),
+                       v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), slot))

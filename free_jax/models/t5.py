@@ -1,0 +1,409 @@
+"""Flan-T5 / T5 encoder-decoder language model, numerically equal to transformers 5 ``T5ForConditionalGeneration``.
+
+Contract
+--------
+``T5Config`` (frozen dataclass; ``T5Config.from_hf(hf_t5_config)``) and ``T5Stack(config, dtype)``, the
+decoder as a `free_jax.models.lm_api.DecoderStack`, plus the encoder entry points. Everything is a pure
+function of ``lm_params``::
+
+  lm_params = {
+    'shared':  {'embedding': float[V, D]},                 # token embedding of encoder and decoder
+    'encoder': {'layers': <stacked T5EncoderLayer, leading axis L_enc>,
+                'relative_attention_bias': {'embedding': float[num_buckets, H]},
+                'final_norm': {'scale': float[D]}},
+    'layers':  <stacked T5DecoderLayer, leading axis L>,  # lm_api convention: the decoder layers
+    'decoder': {'relative_attention_bias': {'embedding': float[num_buckets, H]},
+                'final_norm': {'scale': float[D]}},
+    'lm_head': {'kernel': float[D, V]},                    # only when not config.tie_word_embeddings
+  }
+
+* ``t5_params_from_hf(get, config)``: ``get`` is a `TensorSource` scoped to the HF
+  ``T5ForConditionalGeneration`` names (``language_model.`` inside BLIP-2): ``shared.weight``,
+  ``encoder.block.{i}.layer.0.SelfAttention.q.weight``, ..., ``decoder.final_layer_norm.weight``,
+  ``lm_head.weight`` when untied. ``stack.init(rng)`` builds the same tree at random.
+* Encoder: ``stack.encoder_forward(lm_params, inputs_embeds, attention_mask)`` -> (last float[B, S, D],
+  hidden_states float[L_enc + 1, B, S, D] in HF order: embeddings, each layer, the *last one after the
+  final norm*). ``stack.encode(...)`` -> `T5Encoded` (last hidden state, mask and the cross-attention
+  K/V of every decoder layer, computed once per encoder output). BLIP-2 passes the projected query
+  tokens followed by ``stack.embed(lm_params, input_ids)`` as ``inputs_embeds``. Encoder relative
+  positions are slot indices, exactly as in HF.
+* Decoder step (the `DecoderStack` protocol): ``cache = stack.init_cache(B, S).mark_valid(valid)``;
+  ``ctx = stack.make_context(lm_params, cache, positions, encoder=encoded)``;
+  ``h = stack.embed(lm_params, decoder_input_ids)``; ``stack.run_layers(lm_params, h, cache, ctx, a, b)``;
+  ``cache.advance(T)``. ``positions`` int[B, T] are per-row positions (the number of valid tokens before
+  each token in its row, `row_positions`); the self-attention bias is built from them and from the
+  cache's valid slots, so left padding, or an invalid slot mid-sequence, does not shift distances.
+* Cross-attention K/V: ``ctx`` carries those of all L backbone layers; `run_layers` slices them. For
+  any other layer stack (an exit transformer: one T5DecoderLayer with its own params),
+  ``apply_layers(params, h, cache, ctx, cross_kv=None)`` computes them from the encoder output in
+  ``ctx`` with those params; pass ``cross_kv=stack.cross_kv(params, encoded.hidden)``, computed once
+  per encoder output, to avoid that work on every step.
+* ``final_features`` = decoder final RMS norm (HF's last decoder hidden state); ``logits`` applies the
+  head, including the ``d_model ** -0.5`` scaling of a tied head, and returns float32.
+* ``stack.forward(lm_params, encoder_embeds, encoder_mask, decoder_input_ids, decoder_mask)`` ->
+  `T5Output`, HF's ``logits``, ``decoder_hidden_states`` (L + 1, last after the final norm),
+  ``encoder_last_hidden_state`` and ``encoder_hidden_states``.
+* ``shift_right(labels, config)``: decoder inputs for teacher forcing, as HF ``_shift_right``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from free_jax.models.hf_tensors import TensorSource, WeightsError, layer_norm, linear, stack_layers
+from free_jax.models.lm_api import KVCache, PyTree, attention_mask, slice_layers
+from free_jax.models.t5_layers import (T5Config, T5DecoderLayer, T5EncoderLayer, position_bias,
+                                       t5_norm)
+
+__all__ = ['T5Config', 'T5Encoded', 'T5Output', 'T5Stack', 'row_positions', 'shift_right',
+           't5_params_from_hf']
+
+
+@flax.struct.dataclass
+class T5Encoded:
+  """What the decoder needs from the encoder, computed once per input.
+
+  Attributes:
+    hidden: float[B, S, D] encoder output (after the final norm).
+    mask: bool[B, S] valid encoder positions.
+    cross_k: float[L, B, S, H, Dh] cross-attention keys of every backbone decoder layer.
+    cross_v: float[L, B, S, H, Dh] cross-attention values.
+  """
+
+  hidden: jax.Array
+  mask: jax.Array
+  cross_k: jax.Array
+  cross_v: jax.Array
+
+
+@flax.struct.dataclass
+class T5Output:
+  """HF ``Seq2SeqLMOutput`` fields (hidden-state tuples in HF order, last one after the final norm)."""
+
+  logits: jax.Array
+  decoder_hidden_states: tuple[jax.Array, ...]
+  encoder_last_hidden_state: jax.Array
+  encoder_hidden_states: tuple[jax.Array, ...]
+
+
+def row_positions(valid: jax.Array) -> jax.Array:
+  """int32[B, T]: number of valid tokens before each token of its row (bool[B, T] `valid`)."""
+  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def shift_right(labels: jax.Array, config: T5Config) -> jax.Array:
+  """int[B, T] decoder inputs for `labels`: start token prepended, -100 (ignored) replaced by pad."""
+  shifted = jnp.concatenate(
+      [jnp.full_like(labels[:, :1], config.decoder_start_token_id), labels[:, :-1]], axis=1)
+  return jnp.where(shifted == -100, config.pad_token_id, shifted)
+
+
+def _check_range(start: int, end: int, num_layers: int) -> None:
+  if not 0 <= start <= end <= num_layers:
+    raise ValueError(f'layer range [{start}, {end}) is not within the {num_layers} decoder layers')
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Stack:
+  """The T5 decoder as an `lm_api.DecoderStack`, with the encoder entry points (see module docstring).
+
+  Attributes:
+    config: the model shape.
+    dtype: dtype of activations, KV cache and `init` params (float32 or bfloat16).
+  """
+
+  config: T5Config
+  dtype: Any = jnp.float32
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_decoder_layers
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.d_model
+
+  @property
+  def num_heads(self) -> int:
+    return self.config.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.config.d_kv
+
+  @property
+  def decoder_layer(self) -> T5DecoderLayer:
+    """The linen module of one decoder (or exit) layer."""
+    return T5DecoderLayer(self.config, self.dtype)
+
+  def init(self, rng: jax.Array) -> PyTree:
+    """Random lm_params (HF's initialisation scales), the tree `t5_params_from_hf` returns."""
+    c, d = self.config, self.dtype
+    rngs = jax.random.split(rng, 6)
+    h = jnp.zeros((1, 1, c.d_model), d)
+    kv = jnp.zeros((1, 1, c.num_heads, c.d_kv), d)
+    bias = jnp.zeros((1, c.num_heads, 1, 1), jnp.float32)
+    mask = jnp.ones((1, 1, 1), bool)
+    init_dec = lambda r: self.decoder_layer.init(r, h, kv, kv, 0, bias, mask, kv, kv, mask[:, 0])['params']
+    init_enc = lambda r: T5EncoderLayer(c, d).init(r, h, bias, mask)['params']
+    normal = lambda r, shape, std: (std * jax.random.normal(r, shape)).astype(d)
+    stack_norm = lambda r: {
+        'relative_attention_bias': {
+            'embedding': normal(r, (c.relative_attention_num_buckets, c.num_heads), c.d_model ** -0.5)},
+        'final_norm': {'scale': jnp.ones((c.d_model,), d)}}
+    params = {
+        'shared': {'embedding': normal(rngs[0], (c.vocab_size, c.d_model), 1.0)},
+        'encoder': {'layers': jax.vmap(init_enc)(jax.random.split(rngs[1], c.num_layers)),
+                    **stack_norm(rngs[2])},
+        'layers': jax.vmap(init_dec)(jax.random.split(rngs[3], c.num_decoder_layers)),
+        'decoder': stack_norm(rngs[4]),
+    }
+    if not c.tie_word_embeddings:
+      # Unscaled head: 1/sqrt(D) keeps the initial logits O(1).
+      params['lm_head'] = {'kernel': normal(rngs[5], (c.d_model, c.vocab_size), c.d_model ** -0.5)}
+    return params
+
+  def init_cache(self, batch: int, max_length: int) -> KVCache:
+    return KVCache.zeros(self.num_layers, batch, max_length, self.num_heads, self.head_dim, self.dtype)
+
+  def embed(self, lm_params: PyTree, input_ids: jax.Array | None = None,
+            inputs_embeds: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    """float[B, T, D] shared embedding of int[B, T] ids, or `inputs_embeds` as is (T5 has no position
+    embeddings, so `positions` is unused)."""
+    del positions
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError('embed needs exactly one of input_ids and inputs_embeds')
+    if inputs_embeds is None:
+      inputs_embeds = jnp.take(lm_params['shared']['embedding'], input_ids, axis=0)
+    return inputs_embeds.astype(self.dtype)
+
+  def _norm(self, params: PyTree, h: jax.Array) -> jax.Array:
+    return t5_norm(self.config, self.dtype).apply({'params': params}, h)
+
+  def encoder_forward(self, lm_params: PyTree, inputs_embeds: jax.Array,
+                      attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The T5 encoder (bidirectional; relative positions are slot indices, as in HF).
+
+    Args:
+      lm_params: the LM tree.
+      inputs_embeds: float[B, S, D] encoder input (BLIP-2: query tokens then text embeddings).
+      attention_mask: bool/int[B, S] valid positions.
+
+    Returns:
+      (last float[B, S, D] after the final norm, hidden_states float[L_enc + 1, B, S, D] in HF order).
+    """
+    chex.assert_rank(inputs_embeds, 3)
+    chex.assert_shape(attention_mask, inputs_embeds.shape[:2])
+    if inputs_embeds.shape[-1] != self.config.d_model:
+      raise ValueError(f'inputs_embeds has shape {inputs_embeds.shape}, expected d_model='
+                       f'{self.config.d_model} last')
+    params = lm_params['encoder']
+    h = inputs_embeds.astype(self.dtype)
+    slots = jnp.arange(h.shape[1])[None]
+    bias = position_bias(params['relative_attention_bias']['embedding'], slots, slots, True, self.config)
+    mask = attention_mask.astype(bool)[:, None, :]
+    layer = T5EncoderLayer(self.config, self.dtype)
+
+    def body(h, layer_params):
+      h = layer.apply({'params': layer_params}, h, bias, mask)
+      return h, h
+
+    out, hiddens = jax.lax.scan(body, h, params['layers'])
+    last = self._norm(params['final_norm'], out)
+    return last, jnp.concatenate([h[None], hiddens[:-1], last[None]])
+
+  def cross_kv(self, layers_params: PyTree, encoder_hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-attention K/V float[n, B, S, H, Dh] of n stacked decoder layers for float[B, S, D]."""
+    kv = lambda p: self.decoder_layer.apply({'params': p}, encoder_hidden.astype(self.dtype),
+                                            method=T5DecoderLayer.cross_key_value)
+    return jax.vmap(kv)(layers_params)
+
+  def encode(self, lm_params: PyTree, inputs_embeds: jax.Array, attention_mask: jax.Array) -> T5Encoded:
+    """`encoder_forward` plus the backbone's cross-attention K/V: the decoder's `encoder` input."""
+    last, _ = self.encoder_forward(lm_params, inputs_embeds, attention_mask)
+    return T5Encoded(last, attention_mask.astype(bool), *self.cross_kv(lm_params['layers'], last))
+
+  def make_context(self, lm_params: PyTree, cache: KVCache, positions: jax.Array,
+                   encoder: T5Encoded | None = None) -> PyTree:
+    """Per-step inputs of every decoder layer.
+
+    Args:
+      lm_params: the LM tree.
+      cache: the cache this step writes to (slots [cache.index, cache.index + T)).
+      positions: int[B, T] per-row positions of the step's tokens (`row_positions`).
+      encoder: `T5Encoded` of this batch (required).
+
+    Returns:
+      {'bias': float32[B, H, T, S] self-attention relative position bias, 'encoder_hidden',
+      'encoder_mask', 'cross_k', 'cross_v': the fields of `encoder`}.
+    """
+    if not isinstance(encoder, T5Encoded):
+      raise ValueError(f'T5 make_context needs encoder=T5Encoded (from T5Stack.encode), got {type(encoder)}')
+    chex.assert_rank(positions, 2)
+    # Past slots keep their per-row position; the step's slots take `positions`.
+    key_positions = row_positions(cache.valid)
+    key_positions = jax.lax.dynamic_update_slice(key_positions, positions.astype(jnp.int32),
+                                                 (0, cache.index))
+    table = lm_params['decoder']['relative_attention_bias']['embedding']
+    return {'bias': position_bias(table, positions, key_positions, False, self.config),
+            'encoder_hidden': encoder.hidden, 'encoder_mask': encoder.mask,
+            'cross_k': encoder.cross_k, 'cross_v': encoder.cross_v}
+
+  def apply_layers(self, layers_params: PyTree, h: jax.Array, cache: KVCache, ctx: PyTree,
+                   cross_kv: tuple[jax.Array, jax.Array] | None = None
+                   ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Runs n stacked decoder layers (see `lm_api.DecoderStack.apply_layers`).
+
+    Args:
+      layers_params: stacked layer params, leading axis n.
+      h: float[B, T, D] input of the first layer.
+      cache: n-layer cache, already `mark_valid`-ed for this step.
+      ctx: from `make_context`.
+      cross_kv: these layers' cross-attention K/V float[n, B, S_enc, H, Dh]; computed from
+        ctx['encoder_hidden'] with `layers_params` when None.
+
+    Returns:
+      (h_out float[B, T, D], hiddens float[n, B, T, D], cache with the T tokens' K/V written).
+    """
+    n = cache.k.shape[0]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(layers_params):
+      if leaf.ndim == 0 or leaf.shape[0] != n:
+        raise ValueError(f'layers_params{jax.tree_util.keystr(path)} has shape {leaf.shape}, '
+                         f'expected a leading layer axis of {n} (the cache has {n} layers)')
+    chex.assert_shape(h, (cache.k.shape[1], None, self.config.d_model))
+    if cross_kv is None:
+      cross_kv = self.cross_kv(layers_params, ctx['encoder_hidden'])
+    mask = attention_mask(cache, h.shape[1])
+    layer = self.decoder_layer
+
+    def body(h, xs):
+      p, cache_k, cache_v, cross_k, cross_v = xs
+      h, k, v = layer.apply({'params': p}, h, cache_k, cache_v, cache.index, ctx['bias'], mask,
+                            cross_k, cross_v, ctx['encoder_mask'])
+      return h, (h, k, v)
+
+    h, (hiddens, k, v) = jax.lax.scan(body, h.astype(self.dtype),
+                                      (layers_params, cache.k, cache.v, *cross_kv))
+    return h, hiddens, self._write_kv(cache, 0, k, v)
+
+  @staticmethod
+  def _write_kv(cache: KVCache, start: int, k: jax.Array, v: jax.Array) -> KVCache:
+    """Writes K/V float[n, B, T, H, Dh] of layers [start, start + n) at slots [index, index + T)."""
+    at = (start, 0, cache.index, 0, 0)
+    return cache.replace(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+                         v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at))
+
+  def run_layers(self, lm_params: PyTree, h: jax.Array, cache: KVCache, ctx: PyTree, start: int,
+                 end: int) -> tuple[jax.Array, jax.Array, KVCache]:
+    """`apply_layers` on backbone layers [start, end), their cache slice and precomputed cross K/V."""
+    _check_range(start, end, self.num_layers)
+    cross = (ctx['cross_k'][start:end], ctx['cross_v'][start:end])
+    h, hiddens, sub = self.apply_layers(slice_layers(lm_params['layers'], start, end), h,
+                                        cache.layers(start, end), ctx, cross_kv=cross)
+    return h, hiddens, cache.with_layers(start, sub)
+
+  def propagate_kv(self, lm_params: PyTree, h: jax.Array, cache: KVCache, ctx: PyTree, start: int,
+                   end: int) -> KVCache:
+    """Writes self-attention K/V of layers [start, end) computed from h float[B, T, D] (each layer's
+    own self-attention norm and K/V projections), batched over the layers."""
+    del ctx  # T5 keys carry no position information: the relative bias is added to the scores.
+    _check_range(start, end, self.num_layers)
+    kv = lambda p: self.decoder_layer.apply({'params': p}, h.astype(self.dtype),
+                                            method=T5DecoderLayer.self_key_value)
+    k, v = jax.vmap(kv)(slice_layers(lm_params['layers'], start, end))
+    return self._write_kv(cache, start, k, v)
+
+  def final_features(self, lm_params: PyTree, h: jax.Array) -> jax.Array:
+    """Decoder final RMS norm: HF's last decoder hidden state (head scaling is in `logits`)."""
+    return self._norm(lm_params['decoder']['final_norm'], h)
+
+  def logits(self, lm_params: PyTree, features: jax.Array) -> jax.Array:
+    """float32[B, T, V]; a tied head scales features by d_model**-0.5 first, as HF does."""
+    if self.config.tie_word_embeddings:
+      features = features * self.config.d_model ** -0.5
+      kernel = lm_params['shared']['embedding'].T
+    else:
+      kernel = lm_params['lm_head']['kernel']
+    return jnp.einsum('btd,dv->btv', features, kernel.astype(features.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def forward(self, lm_params: PyTree, encoder_embeds: jax.Array, encoder_mask: jax.Array,
+              decoder_input_ids: jax.Array | None = None, decoder_mask: jax.Array | None = None,
+              decoder_inputs_embeds: jax.Array | None = None) -> T5Output:
+    """Full forward (as HF ``T5ForConditionalGeneration(inputs_embeds=...)``): a decoder prefill into a
+    fresh cache of length T. `decoder_mask` bool/int[B, T] defaults to all valid."""
+    last, enc_hiddens = self.encoder_forward(lm_params, encoder_embeds, encoder_mask)
+    encoded = T5Encoded(last, encoder_mask.astype(bool), *self.cross_kv(lm_params['layers'], last))
+    h = self.embed(lm_params, decoder_input_ids, decoder_inputs_embeds)
+    batch, length = h.shape[:2]
+    valid = jnp.ones((batch, length), bool) if decoder_mask is None else decoder_mask.astype(bool)
+    cache = self.init_cache(batch, length).mark_valid(valid)
+    ctx = self.make_context(lm_params, cache, row_positions(valid), encoder=encoded)
+    out, hiddens, _ = self.run_layers(lm_params, h, cache, ctx, 0, self.num_layers)
+    features = self.final_features(lm_params, out)
+    return T5Output(logits=self.logits(lm_params, features),
+                    decoder_hidden_states=(h, *hiddens[:-1], features),
+                    encoder_last_hidden_state=last, encoder_hidden_states=tuple(enc_hiddens))
+
+
+def t5_params_from_hf(get: TensorSource, config: T5Config) -> PyTree:
+  """HF ``T5ForConditionalGeneration`` tensors (numpy, HF layout) -> lm_params (numpy float)."""
+  c = config
+  d, inner = c.d_model, c.inner_dim
+
+  def attention(prefix):
+    qkv = {name: linear(get, f'{prefix}.{name}', d, inner, bias=False) for name in 'qkv'}
+    return {**qkv, 'o': linear(get, f'{prefix}.o', inner, d, bias=False)}
+
+  def mlp(prefix):
+    wi = ('wi_0', 'wi_1') if c.is_gated else ('wi',)
+    params = {name: linear(get, f'{prefix}.{name}', d, c.d_ff, bias=False) for name in wi}
+    return {**params, 'wo': linear(get, f'{prefix}.wo', c.d_ff, d, bias=False)}
+
+  def layer(stack, i):
+    prefix = f'{stack}.block.{i}.layer'
+    params = {'self_attn': attention(f'{prefix}.0.SelfAttention'),
+              'self_attn_norm': layer_norm(get, f'{prefix}.0.layer_norm', d, bias=False)}
+    ff = 1
+    if stack == 'decoder':
+      params['cross_attn'] = attention(f'{prefix}.1.EncDecAttention')
+      params['cross_attn_norm'] = layer_norm(get, f'{prefix}.1.layer_norm', d, bias=False)
+      ff = 2
+    params['mlp'] = mlp(f'{prefix}.{ff}.DenseReluDense')
+    params['mlp_norm'] = layer_norm(get, f'{prefix}.{ff}.layer_norm', d, bias=False)
+    return params
+
+  def stack_extras(stack):
+    bias = get(f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
+               (c.relative_attention_num_buckets, c.num_heads))
+    return {'relative_attention_bias': {'embedding': bias},
+            'final_norm': layer_norm(get, f'{stack}.final_layer_norm', d, bias=False)}
+
+  shared = get('shared.weight', (c.vocab_size, d))
+  params = {
+      'shared': {'embedding': shared},
+      'encoder': {'layers': stack_layers([layer('encoder', i) for i in range(c.num_layers)]),
+                  **stack_extras('encoder')},
+      'layers': stack_layers([layer('decoder', i) for i in range(c.num_decoder_layers)]),
+      'decoder': stack_extras('decoder'),
+  }
+  if c.tie_word_embeddings:
+    if get.has('lm_head.weight') and not np.array_equal(get('lm_head.weight', shared.shape), shared):
+      raise WeightsError("tensor 'lm_head.weight' differs from 'shared.weight' but the config ties them")
+  else:
+    params['lm_head'] = {'kernel': get('lm_head.weight', (c.vocab_size, d)).T}
+  # Copies HF checkpoints may carry: tied embeddings, and a cross-attention bias HF never uses.
+  aliases = {'encoder.embed_tokens.weight': (c.vocab_size, d), 'decoder.embed_tokens.weight': (c.vocab_size, d),
+             'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight':
+                 (c.relative_attention_num_buckets, c.num_heads)}
+  for name, shape in aliases.items():
+    if get.has(name):
+      get(name, shape)
+  return params

@@ -1,0 +1,1 @@
+"""FREE training: losses, discriminators, optimizers, data parallelism, checkpoints, metrics logging."""
