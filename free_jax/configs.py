@@ -23,6 +23,7 @@ def embedded_backbone() -> ml_collections.ConfigDict:
   c.vision_heads = 4           # ViT attention heads
   c.qformer_hidden = 128       # Q-Former width
   c.qformer_layers = 2         # Q-Former depth (cross-attention in every layer)
+  c.qformer_heads = 4          # Q-Former attention heads
   c.num_query_tokens = 16      # learned queries = image tokens seen by the LM
   c.lm_hidden = 128            # OPT width
   c.lm_layers = 8              # OPT depth: deep enough for exits to matter
@@ -50,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone_train.warmup_steps = 200   # linear warmup steps
   c.backbone_train.weight_decay = 0.01  # AdamW weight decay
   c.backbone_train.num_examples = 40000  # generated training examples (cycled over epochs)
+  c.backbone_train.grad_clip = 1.0      # global-norm gradient clipping (0 = off)
+  c.backbone_train.checkpoint_every = 500  # steps between orbax checkpoints of the backbone stage
 
   c.data = ml_collections.ConfigDict()
   c.data.task = 'vqa'                # one of TASKS
@@ -110,10 +113,11 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config so a full run (backbone + exits + evaluation) takes well under a minute."""
   e = c.model.embedded
   e.vision_hidden, e.vision_layers, e.qformer_hidden, e.qformer_layers = 32, 1, 32, 1
+  e.vision_heads, e.qformer_heads, e.lm_heads = 2, 2, 2
   e.num_query_tokens, e.lm_hidden, e.lm_layers, e.lm_ffn = 4, 32, 4, 64
   c.exits.layers = (1, 2)
   c.backbone_train.steps, c.backbone_train.batch_size, c.backbone_train.num_examples = 20, 16, 256
-  c.backbone_train.warmup_steps = 5
+  c.backbone_train.warmup_steps, c.backbone_train.checkpoint_every = 5, 10
   c.data.num_train, c.data.num_calibration, c.data.num_test = 128, 32, 32
   c.train.steps, c.train.batch_size, c.train.warmup_steps = 10, 16, 2
   c.train.log_every, c.train.checkpoint_every = 5, 5

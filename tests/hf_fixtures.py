@@ -68,6 +68,11 @@ def tiny_blip2(text: str = 'opt', seed: int = 0, qformer: dict | None = None,
   with torch.no_grad():
     for p in model.parameters():
       p.copy_(torch.randn_like(p) * 0.2)
+  if text == 't5' and not config.text_config.scale_decoder_outputs:
+    # A Flan-T5 (untied) head: transformers 5 always ties lm_head to `shared` at construction and
+    # only unties when a checkpoint holds both, so give it its own tensor before saving.
+    lm = model.language_model
+    lm.lm_head.weight = torch.nn.Parameter(torch.randn_like(lm.lm_head.weight) * 0.2)
   return model
 
 

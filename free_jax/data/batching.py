@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from free_jax.data import preprocess
 
 FAMILIES = ('opt', 't5')
+IMAGE_TOKEN = '<image>'  # what `Blip2Processor` adds to a tokenizer lacking one.
 PROMPTS = {
     ('opt', 'vqa'): 'Question: {question} Answer:',
     ('t5', 'vqa'): 'Question: {question} Short answer:',  # BLIP-2 Flan-T5 VQA format.
@@ -65,9 +66,9 @@ def input_format(tokenizer: PreTrainedTokenizerBase, family: str, num_query_toke
   if family not in FAMILIES:
     raise ValueError(f'family={family!r}; expected one of {FAMILIES}')
   if image_token_id is None:
-    image_token_id = getattr(tokenizer, 'image_token_id', None)
+    image_token_id = tokenizer.get_vocab().get(IMAGE_TOKEN)
   if image_token_id is None:
-    raise ValueError('the tokenizer has no image token; pass image_token_id from the model config')
+    raise ValueError(f'the tokenizer has no {IMAGE_TOKEN} token; pass image_token_id from the model config')
   for name in ('pad_token_id', 'eos_token_id'):
     if getattr(tokenizer, name) is None:
       raise ValueError(f'the tokenizer has no {name}')
@@ -88,28 +89,27 @@ def prompts(family: str, task: str, questions: Sequence[str] | None = None,
   return [template] * count
 
 
-def _targets(examples: dict, task: str) -> list[str]:
-  return list(examples['answer'] if task == 'vqa' else examples['caption'])
+def _prompt_texts(family: str, task: str, examples: dict) -> list[str]:
+  return prompts(family, task, examples.get('question'), len(examples['image']))
 
 
-def _encode(tokenizer, texts, max_length, special):
-  return tokenizer(list(texts), add_special_tokens=special, truncation=True,
-                   max_length=max_length)['input_ids']
+def _target_texts(family: str, task: str, examples: dict) -> list[str]:
+  """Answers or captions; OPT targets follow the prompt after a space, as in running text."""
+  texts = examples['answer'] if task == 'vqa' else examples['caption']
+  return [' ' + t for t in texts] if family == 'opt' else list(texts)
 
 
 def _encode_prompts(tokenizer, fmt: InputFormat, task: str, examples: dict) -> list[list[int]]:
   """Token ids of each prompt with the tokenizer's own special tokens (truncated to P)."""
-  n = len(examples['image'])
-  texts = prompts(fmt.family, task, examples.get('question'), n)
-  return _encode(tokenizer, texts, fmt.prompt_length, special=True)
+  return tokenizer(_prompt_texts(fmt.family, task, examples), truncation=True,
+                   max_length=fmt.prompt_length)['input_ids']
 
 
 def _encode_targets(tokenizer, fmt: InputFormat, task: str, examples: dict) -> list[list[int]]:
-  """Target ids + EOS (truncated to A); OPT targets follow the prompt after a space, as in text."""
-  texts = _targets(examples, task)
-  if fmt.family == 'opt':
-    texts = [' ' + t for t in texts]
-  return [ids + [fmt.eos_id] for ids in _encode(tokenizer, texts, fmt.target_length - 1, False)]
+  """Target ids + EOS (truncated to A)."""
+  ids = tokenizer(_target_texts(fmt.family, task, examples), add_special_tokens=False,
+                  truncation=True, max_length=fmt.target_length - 1)['input_ids']
+  return [row + [fmt.eos_id] for row in ids]
 
 
 def _pad_rows(rows: list[list[int]], length: int, pad: int,
@@ -180,11 +180,8 @@ def generation_batch(examples: dict, tokenizer: PreTrainedTokenizerBase, fmt: In
 def required_lengths(tokenizer: PreTrainedTokenizerBase, family: str, task: str,
                      examples: dict) -> tuple[int, int]:
   """(prompt_length, target_length) that fit every example untruncated (to size an InputFormat)."""
-  n = len(examples['image'])
-  texts = prompts(family, task, examples.get('question'), n)
-  prompt = tokenizer(texts, add_special_tokens=True)['input_ids']
-  targets = [(' ' if family == 'opt' else '') + t for t in _targets(examples, task)]
-  target = tokenizer(targets, add_special_tokens=False)['input_ids']
+  prompt = tokenizer(_prompt_texts(family, task, examples))['input_ids']
+  target = tokenizer(_target_texts(family, task, examples), add_special_tokens=False)['input_ids']
   return max(map(len, prompt)), max(map(len, target)) + 1
 
 
@@ -206,12 +203,13 @@ def _map_columns(tree: dict, fn, path: str = '') -> dict:
 
 def num_rows(examples: dict) -> int:
   """The common number of rows of all columns; a clear error naming a column that differs."""
-  lengths = {}
-  _map_columns(examples, lambda v, name: lengths.setdefault(name, len(v)))
-  n = next(iter(lengths.values()))
-  for name, length in lengths.items():
-    if length != n:
-      raise ValueError(f'column {name!r} has {length} rows, expected {n} like the others')
+  n = None
+  def check(column, name):
+    nonlocal n
+    n = len(column) if n is None else n
+    if len(column) != n:
+      raise ValueError(f'column {name!r} has {len(column)} rows, expected {n} like the others')
+  _map_columns(examples, check)
   return n
 
 

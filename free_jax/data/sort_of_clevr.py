@@ -22,8 +22,9 @@ pixels; scenes with no such object are redrawn.
 Captions list the objects from left to right (ties: top first), e.g.
 "a red circle , a blue square and a green triangle from left to right".
 
-Generation is vectorised numpy in blocks of `_BLOCK` examples, each seeded by its own
-`SeedSequence` child, so `generate(n)[:m] == generate(m)` and memory stays bounded.
+Generation is vectorised numpy in whole blocks of `_BLOCK` examples, each seeded by its own
+`SeedSequence` child, so `generate(n)` is a prefix of `generate(m)` for n < m (growing a dataset keeps
+its first examples) and memory stays bounded.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ POSITIONS = ('left', 'right', 'top', 'bottom')
 SPLITS = {'train': 0, 'val': 1, 'test': 2}
 TASKS = ('vqa', 'caption')
 
-_BLOCK = 1024
+_BLOCK = 256
 
 
 def answers(question_type: str, num_objects: int = 6) -> tuple[str, ...]:
@@ -131,10 +132,10 @@ def _neighbours(x, y, gap):
   """Nearest/farthest other object per object, and whether each beats the runner-up by `gap`."""
   d = np.hypot(x[:, :, None] - x[:, None, :], y[:, :, None] - y[:, None, :]).astype(np.float64)
   eye = np.eye(x.shape[1], dtype=bool)
-  near = np.sort(np.where(eye, np.inf, d), axis=2)
-  far = np.sort(np.where(eye, -np.inf, d), axis=2)
-  return (np.argmin(np.where(eye, np.inf, d), axis=2), near[..., 1] - near[..., 0] >= gap,
-          np.argmax(np.where(eye, -np.inf, d), axis=2), far[..., -1] - far[..., -2] >= gap)
+  near_d, far_d = np.where(eye, np.inf, d), np.where(eye, -np.inf, d)
+  near, far = np.sort(near_d, axis=2), np.sort(far_d, axis=2)
+  return (np.argmin(near_d, axis=2), near[..., 1] - near[..., 0] >= gap,
+          np.argmax(far_d, axis=2), far[..., -1] - far[..., -2] >= gap)
 
 
 def _draw_questions(rng, x, y, colour, shape, types, image_size):
@@ -163,7 +164,8 @@ def _draw_questions(rng, x, y, colour, shape, types, image_size):
                    np.where(relation == 'farthest', farthest[rows, subject], subject))
 
   names = [types[i] for i in qtype]
-  is_type = lambda *ts: np.isin(np.array(names), ts)
+  def is_type(*ts):
+    return np.isin(np.array(names), ts)
   # Shape answers: the asked object gets the target shape.
   sel = is_type('shape', 'nearest_shape', 'farthest_shape')
   shape[rows[sel], asked[sel]] = target[sel]
@@ -229,7 +231,7 @@ def _generate_block(rng, n, task, image_size, num_objects, types):
   if task == 'vqa':
     block['question'], block['answer'], block['question_type'] = _draw_questions(
         rng, x, y, colour, shape, types, image_size)
-  _, radius, _ = _layout(image_size)
+  radius = _layout(image_size)[1]
   block['caption'] = [caption(colour[i], shape[i], x[i], y[i]) for i in range(n)]
   block['objects'] = {'colour': colour.astype(np.int32), 'shape': shape.astype(np.int32),
                       'x': x.astype(np.int32), 'y': y.astype(np.int32),
@@ -251,6 +253,8 @@ def generate(num_examples: int, seed: int | np.random.SeedSequence, task: str = 
   """
   if task not in TASKS:
     raise ValueError(f'task={task!r}; expected one of {TASKS}')
+  if num_examples < 1:
+    raise ValueError(f'num_examples={num_examples} must be >= 1')
   if not 2 <= num_objects <= len(COLOURS):
     raise ValueError(f'num_objects={num_objects} must be in [2, {len(COLOURS)}] (colours are distinct)')
   for t in question_types:
@@ -258,12 +262,17 @@ def generate(num_examples: int, seed: int | np.random.SeedSequence, task: str = 
   _layout(image_size)
   root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
   blocks = []
-  for b, start in enumerate(range(0, num_examples, _BLOCK)):
+  for b in range(-(-num_examples // _BLOCK)):
     # Explicit child keys (not root.spawn) keep `generate` pure for a reused SeedSequence.
     child = np.random.SeedSequence(root.entropy, spawn_key=root.spawn_key + (b,))
-    blocks.append(_generate_block(np.random.default_rng(child), min(_BLOCK, num_examples - start),
-                                  task, image_size, num_objects, tuple(question_types)))
-  return concatenate(blocks)
+    blocks.append(_generate_block(np.random.default_rng(child), _BLOCK, task, image_size,
+                                  num_objects, tuple(question_types)))
+  examples = concatenate(blocks)
+  return _map_rows(examples, lambda column: column[:num_examples])
+
+
+def _map_rows(examples: dict, fn) -> dict:
+  return {k: _map_rows(v, fn) if isinstance(v, dict) else fn(v) for k, v in examples.items()}
 
 
 def concatenate(blocks: list[dict]) -> dict:

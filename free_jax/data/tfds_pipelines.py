@@ -5,7 +5,8 @@ VQAv2 from disk) yields the same **example schema**, so training and
 evaluation code is source-agnostic. One example is a dict with all of
 `EXAMPLE_KEYS`:
 
-  image          uint8[H, W, 3]   (H = W = image_size when resized)
+  image          uint8[H, W, 3]   H = W = image_size when resized (PIL
+                                  bicubic, `resize_image`)
   question       str              "" for captioning data
   answer         str              the VQA training target (VQAv2: the most
                                   common human answer); "" for captions
@@ -35,9 +36,11 @@ Sequence of {text, id}.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+import functools
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 # Lazy: TensorFlow (seconds to import) loads only when a pipeline is built.
 from tensorflow_datasets.core.utils.lazy_imports_utils import tensorflow as tf
@@ -105,13 +108,28 @@ def _load(name: str, split: str, data_dir: str):
         f"{name} --data_dir={data_dir}` on a machine with internet") from e
 
 
-def _resize(image, image_size: Optional[int]):
-  """uint8[H, W, 3] -> uint8[S, S, 3], bicubic as BLIP-2's image processor."""
+def resize_image(image: np.ndarray, image_size: Optional[int]) -> np.ndarray:
+  """uint8[H, W, 3] -> uint8[S, S, 3] by PIL bicubic; None: unchanged.
+
+  The resampling of transformers' BlipImageProcessor, so that
+  `preprocess.preprocess_images` (which resizes S x S to S x S, a no-op) gives
+  exactly what HF would give on the original image.
+  """
   if image_size is None:
     return image
-  image = tf.image.resize(image, (image_size, image_size), method="bicubic",
-                          antialias=True)
-  return tf.cast(tf.round(tf.clip_by_value(image, 0, 255)), tf.uint8)
+  resized = Image.fromarray(image).resize((image_size, image_size),
+                                          Image.Resampling.BICUBIC)
+  return np.asarray(resized)
+
+
+def _resize(image, image_size: Optional[int]):
+  """`resize_image` inside a tf.data graph."""
+  if image_size is None:
+    return image
+  image = tf.numpy_function(functools.partial(resize_image,
+                                              image_size=image_size),
+                            [image], tf.uint8, stateful=False)
+  return tf.ensure_shape(image, (image_size, image_size, 3))
 
 
 def _finish(ds, to_example, *, max_examples: Optional[int],
@@ -165,8 +183,10 @@ def load_clevr_vqa(split: str, data_dir: str, *,
   for attr in ("color", "shape", "material", "size"):
     answer_type.update({n: f"query_{attr}" for n in objects[attr].names})
 
+  def resize(ex):
+    return dict(ex, image=_resize(ex["image"], image_size))
+
   def flatten(ex):
-    image = _resize(ex["image"], image_size)
     qa = ex["question_answer"]
     # Real records pair questions and answers 1:1, but tfds.testing.mock_data
     # draws each sub-feature's length independently: pair the common prefix.
@@ -174,7 +194,7 @@ def load_clevr_vqa(split: str, data_dir: str, *,
     per_question = tf.data.Dataset.from_tensor_slices(
         {"question": qa["question"][:n], "answer": qa["answer"][:n],
          "index": tf.range(n)})
-    return per_question.map(lambda q: dict(q, image=image,
+    return per_question.map(lambda q: dict(q, image=ex["image"],
                                            file_name=ex["file_name"]))
 
   def to_example(ex) -> Example:
@@ -188,7 +208,8 @@ def load_clevr_vqa(split: str, data_dir: str, *,
         question=_text(ex["question"]), answer=answer,
         answers=[answer] if answer else [], question_type=question_type)
 
-  return _finish(ds.flat_map(flatten), to_example, max_examples=max_examples,
+  ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).flat_map(flatten)
+  return _finish(ds, to_example, max_examples=max_examples,
                  shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
                  batch_size=batch_size, drop_remainder=drop_remainder)
 

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from free_jax.data import batching, sort_of_clevr
 
-PAD, BOS, EOS, UNK, IMAGE = '<pad>', '<s>', '</s>', '<unk>', '<image>'
+PAD, BOS, EOS, UNK, IMAGE = '<pad>', '<s>', '</s>', '<unk>', batching.IMAGE_TOKEN
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4, in this order.
 
 
@@ -41,7 +41,7 @@ def embedded_tokenizer(family: str = 'opt') -> PreTrainedTokenizerFast:
   tok.post_processor = processors.TemplateProcessing(single=single,
                                                      special_tokens=[(special, vocab[special])])
   return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                 unk_token=UNK, extra_special_tokens={'image_token': IMAGE})
+                                 unk_token=UNK, extra_special_tokens=[IMAGE])
 
 
 def load_tokenizer(path: str | pathlib.Path) -> PreTrainedTokenizerBase:

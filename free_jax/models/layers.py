@@ -127,9 +127,19 @@ def scan_layers(apply_layer: LayerFn, layers_params: PyTree, h: jax.Array, cache
     v_all = jax.lax.dynamic_update_slice(v_all, v_new[None].astype(v_all.dtype), slot)
     return (h, k_all, v_all, i + 1), h
 
-  init = (h, cache.k, cache.v, jnp.asarray(first_layer, jnp.int32))
+  init = (h, _varying_like(cache.k, h), _varying_like(cache.v, h), jnp.asarray(first_layer, jnp.int32))
   (h, k, v, _), hiddens = jax.lax.scan(body, init, layers_params)
   return h, hiddens, cache.replace(k=k, v=v)
+
+
+def _varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """x marked device-varying over the mesh axes that `like` varies over (inside `jax.shard_map`).
+
+  A fresh cache is device-invariant, but the body writes K/V computed from the (per-device) batch
+  into it; a scan carry must have one type, so the cache starts as varying as the hidden state.
+  """
+  axes = tuple(jax.typeof(like).manual_axis_type.varying - jax.typeof(x).manual_axis_type.varying)
+  return jax.lax.pcast(x, axes, to='varying') if axes else x
 
 
 def write_layers_kv(cache: KVCache, k: jax.Array, v: jax.Array, first_layer: int) -> KVCache:

@@ -99,10 +99,10 @@ class OPTConfig:
     return self.do_layer_norm_before and not self.remove_final_layer_norm
 
 
-def _layer_norm(config: OPTConfig, dtype) -> nn.LayerNorm:
+def _layer_norm(config: OPTConfig, dtype, **kwargs) -> nn.LayerNorm:
   affine = config.layer_norm_elementwise_affine
   return nn.LayerNorm(epsilon=_LAYER_NORM_EPS, use_bias=affine, use_scale=affine, dtype=dtype,
-                      param_dtype=dtype, use_fast_variance=False)
+                      param_dtype=dtype, use_fast_variance=False, **kwargs)
 
 
 class OPTLayer(nn.Module):
@@ -167,9 +167,11 @@ class OPTStack:
 
   @property
   def _layer(self) -> OPTLayer:
-    return OPTLayer(self.config, self.dtype)
+    # parent=None: an unattached module, applied to explicit params even when this stack is used
+    # inside another module's method (e.g. `Blip2Model.__call__`).
+    return OPTLayer(self.config, self.dtype, parent=None)
 
-  def init_params(self, rng: jax.Array) -> PyTree:
+  def init(self, rng: jax.Array) -> PyTree:
     """Randomly initialised ``lm_params`` (the tree in the module docstring); `jax.eval_shape`-able."""
     cfg, dt = self.config, self.dtype
     d, e = cfg.hidden_size, cfg.word_embed_proj_dim
@@ -257,17 +259,19 @@ class OPTStack:
     """float[B, T, E]: ``final_layer_norm`` (pre-LN models) then ``project_out`` (if any)."""
     if self.config.has_final_layer_norm:
       norm_params = lm_params.get('final_layer_norm', {})  # absent without elementwise affine
-      h = _layer_norm(self.config, self.dtype).apply({'params': norm_params}, h)
+      h = _layer_norm(self.config, self.dtype, parent=None).apply({'params': norm_params}, h)
     if self.config.has_projections:
       h = h @ lm_params['project_out']['kernel'].astype(self.dtype)
     return h
 
   def logits(self, lm_params: PyTree, features: jax.Array) -> jax.Array:
+    """float32[B, T, V] from float[B, T, E] features (float32 so bfloat16 models argmax stably)."""
     if self.config.tie_word_embeddings:
       kernel = lm_params['embed_tokens']['embedding'].T
     else:
       kernel = lm_params['lm_head']['kernel']
-    return features @ kernel.astype(self.dtype)
+    return jnp.einsum('bte,ev->btv', features, kernel.astype(features.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def _layer_params_from_hf(get: TensorSource, cfg: OPTConfig) -> dict:

@@ -30,9 +30,10 @@ function of ``lm_params``::
 * Decoder step (the `DecoderStack` protocol): ``cache = stack.init_cache(B, S).mark_valid(valid)``;
   ``ctx = stack.make_context(lm_params, cache, positions, encoder=encoded)``;
   ``h = stack.embed(lm_params, decoder_input_ids)``; ``stack.run_layers(lm_params, h, cache, ctx, a, b)``;
-  ``cache.advance(T)``. ``positions`` int[B, T] are per-row positions (the number of valid tokens before
-  each token in its row, `row_positions`); the self-attention bias is built from them and from the
-  cache's valid slots, so left padding, or an invalid slot mid-sequence, does not shift distances.
+  ``cache.advance(T)`` (`lm_api.begin_step` does the first three). ``positions`` int[B, T] are per-row
+  positions (`lm_api.token_positions`: the number of valid tokens before each token in its row); the
+  self-attention bias compares them with the same count over the cache's valid slots, so left
+  padding, or an invalid slot mid-sequence, does not shift relative distances.
 * Cross-attention K/V: ``ctx`` carries those of all L backbone layers; `run_layers` slices them. For
   any other layer stack (an exit transformer: one T5DecoderLayer with its own params),
   ``apply_layers(params, h, cache, ctx, cross_kv=None)`` computes them from the encoder output in
@@ -58,12 +59,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from free_jax.models.hf_tensors import TensorSource, WeightsError, layer_norm, linear, stack_layers
-from free_jax.models.lm_api import KVCache, PyTree, attention_mask, slice_layers
+from free_jax.models.layers import scan_layers, write_layers_kv
+from free_jax.models.lm_api import KVCache, PyTree, attention_mask, begin_step, slice_layers
 from free_jax.models.t5_layers import (T5Config, T5DecoderLayer, T5EncoderLayer, position_bias,
                                        t5_norm)
 
-__all__ = ['T5Config', 'T5Encoded', 'T5Output', 'T5Stack', 'row_positions', 'shift_right',
-           't5_params_from_hf']
+__all__ = ['T5Config', 'T5Encoded', 'T5Output', 'T5Stack', 'shift_right', 't5_params_from_hf']
 
 
 @flax.struct.dataclass
@@ -91,11 +92,6 @@ class T5Output:
   decoder_hidden_states: tuple[jax.Array, ...]
   encoder_last_hidden_state: jax.Array
   encoder_hidden_states: tuple[jax.Array, ...]
-
-
-def row_positions(valid: jax.Array) -> jax.Array:
-  """int32[B, T]: number of valid tokens before each token of its row (bool[B, T] `valid`)."""
-  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def shift_right(labels: jax.Array, config: T5Config) -> jax.Array:
@@ -151,7 +147,11 @@ class T5Stack:
     kv = jnp.zeros((1, 1, c.num_heads, c.d_kv), d)
     bias = jnp.zeros((1, c.num_heads, 1, 1), jnp.float32)
     mask = jnp.ones((1, 1, 1), bool)
-    init_dec = lambda r: self.decoder_layer.init(r, h, kv, kv, 0, bias, mask, kv, kv, mask[:, 0])['params']
+
+    def full_layer(layer, h):  # Also reaches the cross K/V projections, which __call__ takes precomputed.
+      return layer(h, kv, kv, 0, bias, mask, *layer.cross_key_value(h), mask[:, 0])
+
+    init_dec = lambda r: self.decoder_layer.init(r, h, method=full_layer)['params']
     init_enc = lambda r: T5EncoderLayer(c, d).init(r, h, bias, mask)['params']
     normal = lambda r, shape, std: (std * jax.random.normal(r, shape)).astype(d)
     stack_norm = lambda r: {
@@ -236,8 +236,9 @@ class T5Stack:
 
     Args:
       lm_params: the LM tree.
-      cache: the cache this step writes to (slots [cache.index, cache.index + T)).
-      positions: int[B, T] per-row positions of the step's tokens (`row_positions`).
+      cache: the cache this step writes to (slots [cache.index, cache.index + T)), already
+        `mark_valid`-ed for the step (`lm_api.begin_step` does both).
+      positions: int[B, T] per-row positions of the step's tokens (`lm_api.token_positions`).
       encoder: `T5Encoded` of this batch (required).
 
     Returns:
@@ -247,10 +248,8 @@ class T5Stack:
     if not isinstance(encoder, T5Encoded):
       raise ValueError(f'T5 make_context needs encoder=T5Encoded (from T5Stack.encode), got {type(encoder)}')
     chex.assert_rank(positions, 2)
-    # Past slots keep their per-row position; the step's slots take `positions`.
-    key_positions = row_positions(cache.valid)
-    key_positions = jax.lax.dynamic_update_slice(key_positions, positions.astype(jnp.int32),
-                                                 (0, cache.index))
+    # Keys get the same per-row positions as queries (`lm_api.token_positions`), from the valid slots.
+    key_positions = jnp.cumsum(cache.valid, axis=1, dtype=jnp.int32) - 1
     table = lm_params['decoder']['relative_attention_bias']['embedding']
     return {'bias': position_bias(table, positions, key_positions, False, self.config),
             'encoder_hidden': encoder.hidden, 'encoder_mask': encoder.mask,
@@ -283,22 +282,12 @@ class T5Stack:
     mask = attention_mask(cache, h.shape[1])
     layer = self.decoder_layer
 
-    def body(h, xs):
-      p, cache_k, cache_v, cross_k, cross_v = xs
-      h, k, v = layer.apply({'params': p}, h, cache_k, cache_v, cache.index, ctx['bias'], mask,
-                            cross_k, cross_v, ctx['encoder_mask'])
-      return h, (h, k, v)
+    def apply_layer(xs, h, cache_k, cache_v):
+      layer_params, cross_k, cross_v = xs
+      return layer.apply({'params': layer_params}, h, cache_k, cache_v, cache.index, ctx['bias'], mask,
+                         cross_k, cross_v, ctx['encoder_mask'])
 
-    h, (hiddens, k, v) = jax.lax.scan(body, h.astype(self.dtype),
-                                      (layers_params, cache.k, cache.v, *cross_kv))
-    return h, hiddens, self._write_kv(cache, 0, k, v)
-
-  @staticmethod
-  def _write_kv(cache: KVCache, start: int, k: jax.Array, v: jax.Array) -> KVCache:
-    """Writes K/V float[n, B, T, H, Dh] of layers [start, start + n) at slots [index, index + T)."""
-    at = (start, 0, cache.index, 0, 0)
-    return cache.replace(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
-                         v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at))
+    return scan_layers(apply_layer, (layers_params, *cross_kv), h.astype(self.dtype), cache)
 
   def run_layers(self, lm_params: PyTree, h: jax.Array, cache: KVCache, ctx: PyTree, start: int,
                  end: int) -> tuple[jax.Array, jax.Array, KVCache]:
@@ -318,7 +307,7 @@ class T5Stack:
     kv = lambda p: self.decoder_layer.apply({'params': p}, h.astype(self.dtype),
                                             method=T5DecoderLayer.self_key_value)
     k, v = jax.vmap(kv)(slice_layers(lm_params['layers'], start, end))
-    return self._write_kv(cache, start, k, v)
+    return write_layers_kv(cache, k, v, start)
 
   def final_features(self, lm_params: PyTree, h: jax.Array) -> jax.Array:
     """Decoder final RMS norm: HF's last decoder hidden state (head scaling is in `logits`)."""
@@ -341,11 +330,11 @@ class T5Stack:
     fresh cache of length T. `decoder_mask` bool/int[B, T] defaults to all valid."""
     last, enc_hiddens = self.encoder_forward(lm_params, encoder_embeds, encoder_mask)
     encoded = T5Encoded(last, encoder_mask.astype(bool), *self.cross_kv(lm_params['layers'], last))
-    h = self.embed(lm_params, decoder_input_ids, decoder_inputs_embeds)
-    batch, length = h.shape[:2]
+    ids_or_embeds = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+    batch, length = ids_or_embeds.shape[:2]
     valid = jnp.ones((batch, length), bool) if decoder_mask is None else decoder_mask.astype(bool)
-    cache = self.init_cache(batch, length).mark_valid(valid)
-    ctx = self.make_context(lm_params, cache, row_positions(valid), encoder=encoded)
+    h, cache, ctx = begin_step(self, lm_params, self.init_cache(batch, length), valid, decoder_input_ids,
+                               decoder_inputs_embeds, encoder=encoded)
     out, hiddens, _ = self.run_layers(lm_params, h, cache, ctx, 0, self.num_layers)
     features = self.final_features(lm_params, out)
     return T5Output(logits=self.logits(lm_params, features),

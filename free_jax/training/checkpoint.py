@@ -46,7 +46,8 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
   for name, value in metrics.items():
     value = np.asarray(value)
     if not np.all(np.isfinite(value)):
-      shown = float(value) if value.ndim == 0 else f'{value.size - np.isfinite(value).sum()} non-finite entries'
+      bad = value.size - np.isfinite(value).sum()
+      shown = float(value) if value.ndim == 0 else f'{bad} non-finite entries'
       raise FloatingPointError(f'metric {name!r} is not finite ({shown}) at step {step}; stopping, the last '
                                'good checkpoint is kept')
 
@@ -139,8 +140,9 @@ class Checkpointer:
       meta = dict(restored.meta)
       stored_hash = meta.get('config_hash')
       if self.config_hash is not None and stored_hash is not None and stored_hash != self.config_hash:
-        raise ValueError(f'checkpoint step {step} in {self.directory} was written with config hash {stored_hash}, '
-                         f'this config hashes to {self.config_hash}; use a new workdir for a different config')
+        raise ValueError(f'checkpoint step {step} in {self.directory} was written with config hash '
+                         f'{stored_hash}, this config hashes to {self.config_hash}; use a new workdir for a '
+                         'different config')
       self._quarantine(failures)
       return Restored(step=step, state=restored.state, meta=meta)
     if failures:

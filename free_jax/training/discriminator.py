@@ -82,6 +82,7 @@ class Discriminators(nn.Module):
                        f'got shape {features.shape}')
     stacked = nn.vmap(Discriminator, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=0, out_axes=0, axis_size=self.num_exits)
-    logits = stacked(self.hidden_size, self.num_layers, self.activation, self.dtype, name='per_exit')(features)
+    per_exit = stacked(self.hidden_size, self.num_layers, self.activation, self.dtype, name='per_exit')
+    logits = per_exit(features)
     chex.assert_shape(logits, features.shape[:-1])
     return logits

@@ -66,7 +66,8 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
     """Logs scalar metrics (python/numpy/jax scalars) for `step`; returns the record written."""
-    record = {'step': int(step), **{name: _to_float(name, v) for name, v in metrics.items() if name != 'step'}}
+    record = {'step': int(step)}
+    record.update((name, _to_float(name, v)) for name, v in metrics.items() if name != 'step')
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
     if self._tb is not None:
@@ -96,8 +97,8 @@ class Progress:
     keys: metrics shown in the postfix (all given metrics if None).
   """
 
-  def __init__(self, total_steps: int, initial_step: int = 0, keys: Sequence[str] | None = ('d_loss', 'g_loss'),
-               desc: str = 'train'):
+  def __init__(self, total_steps: int, initial_step: int = 0,
+               keys: Sequence[str] | None = ('d_loss', 'g_loss'), desc: str = 'train'):
     self._keys = keys
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
 

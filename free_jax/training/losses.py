@@ -59,7 +59,8 @@ def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, mask: jax
   """
   chex.assert_equal_shape([real_logits, fake_logits, mask])
   real_logits, fake_logits = jnp.asarray(real_logits, jnp.float32), jnp.asarray(fake_logits, jnp.float32)
-  real_bce = optax.sigmoid_binary_cross_entropy(real_logits, jnp.full_like(real_logits, 1.0 - label_smoothing))
+  real_target = jnp.full_like(real_logits, 1.0 - label_smoothing)
+  real_bce = optax.sigmoid_binary_cross_entropy(real_logits, real_target)
   fake_bce = optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))
   return masked_mean(real_bce, mask, axis_name) + masked_mean(fake_bce, mask, axis_name)
 

@@ -93,7 +93,8 @@ def test_exact_match():
 @pytest.mark.parametrize("caption, tokens", [
     ("A man riding a wave on top of a surfboard.",
      "a man riding a wave on top of a surfboard"),
-    ("The man isn't smiling; he's \"happy\"?", "the man is n't smiling he 's happy"),
+    ("The man isn't smiling; he's \"happy\"?",
+     "the man is n't smiling he 's happy"),
     ("A black-and-white photo of 3.5 people (roughly) -- at 1,000 feet",
      "a black-and-white photo of 3.5 people -lrb- roughly -rrb- at 1,000 feet"),
     ("It's 5 o'clock: they can't/won't go... ok",

@@ -154,5 +154,6 @@ def test_qformer_weight_errors_name_the_key():
   # A Q-Former config whose encoder_hidden_size disagrees with the checkpoint's cross-attention.
   wrong = QFormerConfig.from_hf(Blip2QFormerConfig(**{**hf_config.to_dict(), 'encoder_hidden_size': 40}))
   key = 'encoder.layer.0.crossattention.attention.key.weight'
-  with pytest.raises(WeightsError, match=re.escape(f"'{key}' has shape (32, 48), the config expects (32, 40)")):
+  expected_error = f"'{key}' has shape (32, 48), the config expects (32, 40)"
+  with pytest.raises(WeightsError, match=re.escape(expected_error)):
     qformer_params_from_hf(TensorSource(state), wrong)

@@ -1,0 +1,56 @@
+"""Stage 1 of the embedded benchmark: the whole tiny BLIP-2 trained end to end with cross-entropy.
+
+The embedded default needs a backbone that actually answers, so that early exits are a real test.
+`make_backbone_step` is a jitted data-parallel AdamW step on teacher-forced batches
+(`free_jax.data.batching.train_batch`: labels are pre-shifted, position t predicts token t + 1, so
+the loss is ``CE(logits[:, t], labels[:, t])`` on ``loss_mask``, never shifted again here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from free_jax.models import blip2
+from free_jax.training import losses, parallel
+from free_jax.training.state import BackboneState
+
+PyTree = Any
+
+
+def target_mask(batch: dict[str, jax.Array]) -> jax.Array:
+  """bool[B, T]: positions with a next-token target, in rows that are not batch padding."""
+  return batch['loss_mask'].astype(bool) & batch['valid'].astype(bool)[:, None]
+
+
+def forward_logits(model: blip2.Blip2Model, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
+  """float[B, T, V] teacher-forced logits (T: LM sequence, the decoder's for T5)."""
+  out = model.apply({'params': params}, batch['image'], batch['input_ids'], batch['attention_mask'],
+                    batch.get('decoder_input_ids'), batch.get('decoder_attention_mask'))
+  return out.logits
+
+
+def make_backbone_step(model: blip2.Blip2Model, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+                       ) -> Callable[[BackboneState, dict], tuple[BackboneState, dict[str, jax.Array]]]:
+  """The jitted step ``(state, batch) -> (state, {'loss', 'token_acc', 'grad_norm'})``; state donated."""
+
+  def step(state: BackboneState, batch: dict[str, jax.Array]):
+    mask = target_mask(batch)
+
+    def loss_fn(params):
+      logits = forward_logits(model, params, batch)
+      return losses.cross_entropy(logits, batch['labels'], mask, axis_name=parallel.DATA), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'token_acc': losses.token_accuracy(logits, batch['labels'], mask, axis_name=parallel.DATA)}
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+  return parallel.data_parallel(step, mesh, batch_argnums=(1,), donate_argnums=(0,))

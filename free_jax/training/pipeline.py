@@ -1,0 +1,440 @@
+"""`train_and_evaluate(config, workdir)`: the whole FREE run, callable from a notebook or `experiments/train.py`.
+
+Stages (each resumable, each skipped when its result is already in the workdir):
+
+1. Backbone (`backbone_stage`). ``model.source='embedded'``: a tiny BLIP-2 (``config.model.embedded``)
+   over the embedded tokenizer's vocabulary, trained end to end with CE on the embedded task and
+   checkpointed in ``workdir/backbone/`` (orbax); a finished backbone is restored, never retrained.
+   ``model.source='pretrained'``: `free_jax.load_pretrained` from ``model.pretrained_path``.
+2. FREE exits (`exit_stage`): the adversarial step (`free_step`) on the frozen backbone; orbax
+   checkpoints (exits, discriminators, optimizer states, step and data position) in
+   ``workdir/checkpoints/``, metrics in ``workdir/metrics.jsonl`` and TensorBoard.
+3. Evaluation (`evaluate_stage`): teacher-forced accuracy of the backbone and of every exit on the
+   test split, per question type, written to ``workdir/train_eval.json`` and printed as a table.
+   Further evaluators (the early-exit decoder) plug in through ``train_and_evaluate(evaluators=...)``.
+
+Every config error is raised by `validate_config` before anything is built or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from free_jax import configs
+from free_jax import exits as exits_lib
+from free_jax.data import batching, sort_of_clevr
+from free_jax.data import tokenizer as tokenizer_lib
+from free_jax.models import blip2
+from free_jax.models.opt import OPTConfig
+from free_jax.models.qformer import QFormerConfig
+from free_jax.models.vit import VisionConfig
+from free_jax.training import backbone_step, checkpoint, free_step, optim, parallel, state as state_lib
+from free_jax.training import logging as metrics_logging
+
+PyTree = Any
+EVAL_FILE = 'train_eval.json'
+BACKBONE_DIR = 'backbone'
+CHECKPOINT_DIR = 'checkpoints'
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_PROBE_EXAMPLES = 2048  # generated examples that fix the prompt/target lengths of the embedded data
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A frozen BLIP-2 with what is needed to feed it.
+
+  Attributes:
+    model: the `Blip2Model`.
+    params: its params.
+    tokenizer: the matching tokenizer.
+    fmt: how examples become its inputs (`batching.InputFormat`).
+  """
+
+  model: blip2.Blip2Model
+  params: PyTree
+  tokenizer: Any
+  fmt: batching.InputFormat
+
+  @property
+  def num_layers(self) -> int:
+    return blip2.lm_stack(self.model.config).num_layers
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def embedded_model_config(e: ml_collections.ConfigDict, tokenizer) -> blip2.Blip2Config:
+  """The tiny BLIP-2 of ``config.model.embedded`` over `tokenizer`'s vocabulary."""
+  return blip2.Blip2Config(
+      vision=VisionConfig(hidden_size=e.vision_hidden, intermediate_size=4 * e.vision_hidden,
+                          num_hidden_layers=e.vision_layers, num_attention_heads=e.vision_heads,
+                          image_size=e.image_size, patch_size=e.patch_size),
+      qformer=QFormerConfig(hidden_size=e.qformer_hidden, num_hidden_layers=e.qformer_layers,
+                            num_attention_heads=e.qformer_heads, intermediate_size=4 * e.qformer_hidden,
+                            cross_attention_frequency=1, encoder_hidden_size=e.vision_hidden),
+      text=OPTConfig(vocab_size=len(tokenizer), hidden_size=e.lm_hidden, num_hidden_layers=e.lm_layers,
+                     num_attention_heads=e.lm_heads, ffn_dim=e.lm_ffn, max_position_embeddings=e.max_positions,
+                     word_embed_proj_dim=e.lm_hidden, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+      num_query_tokens=e.num_query_tokens,
+      image_token_index=tokenizer.convert_tokens_to_ids(tokenizer_lib.IMAGE))
+
+
+def _model_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
+  if config.model.source == 'pretrained':
+    return blip2.Blip2Config.from_pretrained(config.model.pretrained_path)
+  return embedded_model_config(config.model.embedded, tokenizer_lib.embedded_tokenizer('opt'))
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
+  """Checks every field the run reads; returns the backbone's config. Errors are one line and name the field."""
+  _check(config.model.source in ('embedded', 'pretrained'),
+         f"model.source={config.model.source!r}; expected 'embedded' or 'pretrained'")
+  _check(config.model.dtype in _DTYPES, f'model.dtype={config.model.dtype!r}; expected one of {tuple(_DTYPES)}')
+  _check(config.data.task in configs.TASKS, f'data.task={config.data.task!r}; expected one of {configs.TASKS}')
+  _check(config.data.source == 'sort_of_clevr',
+         f'data.source={config.data.source!r}: this training pipeline reads only the embedded '
+         "'sort_of_clevr' data so far")
+  if config.model.source == 'pretrained':
+    _check(bool(config.model.pretrained_path), "model.source='pretrained' needs model.pretrained_path")
+  _check(config.free.mode in configs.FREE_MODES,
+         f'free.mode={config.free.mode!r}; expected one of {configs.FREE_MODES}')
+  _check(config.exits.init in exits_lib.EXIT_INITS,
+         f'exits.init={config.exits.init!r}; expected one of {exits_lib.EXIT_INITS}')
+  _check(0.0 <= config.data.label_fraction <= 1.0,
+         f'data.label_fraction={config.data.label_fraction} must be in [0, 1]')
+  if 'ce' in free_step.MODES[config.free.mode][1]:
+    _check(round(config.data.label_fraction * config.data.num_train) > 0,
+           f'free.mode={config.free.mode!r} needs labelled examples but data.label_fraction='
+           f'{config.data.label_fraction} of data.num_train={config.data.num_train} labels none')
+  n = jax.device_count()
+  for name in ('train', 'backbone_train'):
+    section = config[name]
+    _check(section.batch_size > 0 and section.batch_size % n == 0,
+           f'{name}.batch_size={section.batch_size} must be a positive multiple of the {n} devices')
+    _check(0 <= section.warmup_steps < section.steps,
+           f'{name}.warmup_steps={section.warmup_steps} must be in [0, {name}.steps={section.steps})')
+  _check(config.data.num_train >= config.train.batch_size,
+         f'data.num_train={config.data.num_train} is smaller than train.batch_size={config.train.batch_size}')
+  _check(config.backbone_train.num_examples >= config.backbone_train.batch_size,
+         f'backbone_train.num_examples={config.backbone_train.num_examples} is smaller than '
+         f'backbone_train.batch_size={config.backbone_train.batch_size}')
+  for name in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
+    _check(config.train[name] >= 1, f'train.{name}={config.train[name]} must be >= 1')
+  _check(config.data.num_test >= 1, f'data.num_test={config.data.num_test} must be >= 1')
+  model_config = _model_config(config)
+  num_layers = blip2.lm_stack(model_config).num_layers
+  exits_lib.validate_layers(config.exits.layers, num_layers)
+  if config.model.source == 'embedded':
+    _check(not model_config.is_encoder_decoder, 'the embedded backbone is OPT-only')
+  return model_config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data.
+
+
+def load_examples(config: ml_collections.ConfigDict, split: str, num_examples: int, image_size: int) -> dict:
+  """`num_examples` examples of `split` ('train' uses data.seed, 'test' data.test_seed)."""
+  seed = config.data.test_seed if split == 'test' else config.data.seed
+  return sort_of_clevr.make_split(split, num_examples, seed, task=config.data.task, image_size=image_size)
+
+
+def make_input_format(config: ml_collections.ConfigDict, model_config: blip2.Blip2Config,
+                      tokenizer) -> batching.InputFormat:
+  """Fixed prompt/target lengths that fit the embedded texts (from a fixed probe), within data.max_text_length."""
+  family = 't5' if model_config.is_encoder_decoder else 'opt'
+  image_size = model_config.vision.image_size
+  probe = sort_of_clevr.make_split('val', _PROBE_EXAMPLES, 0, task=config.data.task, image_size=image_size)
+  prompt_length, target_length = batching.required_lengths(tokenizer, family, config.data.task, probe)
+  _check(prompt_length + target_length <= config.data.max_text_length,
+         f'data.max_text_length={config.data.max_text_length} is too short: prompts need {prompt_length} '
+         f'tokens and targets {target_length}')
+  length = model_config.num_query_tokens + prompt_length + target_length
+  if not model_config.is_encoder_decoder:
+    _check(length <= model_config.text.max_position_embeddings,
+           f'model max_position_embeddings={model_config.text.max_position_embeddings} is shorter than '
+           f'the {length} tokens of image queries + prompt + target')
+  return batching.input_format(tokenizer, family, model_config.num_query_tokens, prompt_length, target_length,
+                               image_size, image_token_id=model_config.image_token_index)
+
+
+def train_batches(examples: dict, backbone: Backbone, task: str, batch_size: int, seed: int,
+                  start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  """Model batches from step `start_step` on, exactly as an uninterrupted pass would yield them."""
+  for chunk in batching.iterate_batches(examples, batch_size, seed, start_step=start_step):
+    yield batching.train_batch(chunk, backbone.tokenizer, backbone.fmt, task)
+
+
+def _to_dict(value):
+  return value.to_dict() if hasattr(value, 'to_dict') else value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 1: the backbone.
+
+
+def _backbone_hash(config) -> str:
+  """What the backbone depends on: changing exit or evaluation settings keeps the cached backbone."""
+  data = {k: config.data[k] for k in ('task', 'source', 'seed', 'max_text_length')}
+  return checkpoint.config_hash({'model': _to_dict(config.model), 'backbone_train': _to_dict(config.backbone_train),
+                                 'seed': config.seed, 'data': data})
+
+
+def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> Backbone | None:
+  """The backbone of a run: pretrained from disk, or the finished embedded one in the workdir (else None)."""
+  model_config = validate_config(config)
+  dtype = _DTYPES[config.model.dtype]
+  if config.model.source == 'pretrained':
+    import free_jax  # pylint: disable=g-import-not-at-top  (lazy: pulls in transformers' loaders)
+    model, params = free_jax.load_pretrained(config.model.pretrained_path, dtype)
+    tokenizer = free_jax.load_tokenizer(config.model.pretrained_path)
+    return Backbone(model, params, tokenizer, make_input_format(config, model_config, tokenizer))
+  tokenizer = tokenizer_lib.embedded_tokenizer('opt')
+  model = blip2.Blip2Model(model_config, dtype)
+  fmt = make_input_format(config, model_config, tokenizer)
+  with _backbone_checkpointer(config, workdir) as ckpt:
+    if not ckpt.is_finished():
+      return None
+    restored = ckpt.restore_latest(_abstract_backbone_state(config, model, fmt))
+  return Backbone(model, restored.state.params, tokenizer, fmt)
+
+
+def _backbone_checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(os.path.join(workdir, BACKBONE_DIR, CHECKPOINT_DIR), max_to_keep=1,
+                                 config_hash=_backbone_hash(config))
+
+
+def _init_params(model: blip2.Blip2Model, fmt: batching.InputFormat, rng: jax.Array) -> PyTree:
+  pixels = jnp.zeros((1, fmt.image_size, fmt.image_size, 3), model.dtype)
+  ids = jnp.zeros((1, fmt.num_query_tokens + 2), jnp.int32)
+  return model.init(rng, pixels, ids)['params']
+
+
+def _backbone_tx(config):
+  c = config.backbone_train
+  return optim.make_optimizer(optim.optimizer_config(
+      learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, weight_decay=c.weight_decay,
+      grad_clip_norm=c.grad_clip), c.steps)
+
+
+def _abstract_backbone_state(config, model, fmt) -> state_lib.BackboneState:
+  return jax.eval_shape(lambda: state_lib.create_backbone_state(
+      _init_params(model, fmt, jax.random.key(config.seed)), _backbone_tx(config)))
+
+
+def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Backbone:
+  """Stage 1: loads the backbone, training (or resuming) the embedded one first if it is not finished."""
+  backbone = load_backbone(config, workdir)
+  if backbone is not None:
+    return backbone
+  model_config = validate_config(config)
+  tokenizer = tokenizer_lib.embedded_tokenizer('opt')
+  model = blip2.Blip2Model(model_config, _DTYPES[config.model.dtype])
+  fmt = make_input_format(config, model_config, tokenizer)
+  c = config.backbone_train
+  tx = _backbone_tx(config)
+  state = state_lib.create_backbone_state(_init_params(model, fmt, jax.random.key(config.seed)), tx)
+  step_fn = backbone_step.make_backbone_step(model, tx, mesh)
+  backbone = Backbone(model, None, tokenizer, fmt)
+  examples = load_examples(config, 'train', c.num_examples, fmt.image_size)
+  run_dir = os.path.join(workdir, BACKBONE_DIR)
+  with _backbone_checkpointer(config, workdir) as ckpt:
+    state = _train_loop(state, step_fn, ckpt, run_dir, mesh, total_steps=c.steps,
+                        batches=lambda start: train_batches(examples, backbone, config.data.task, c.batch_size,
+                                                            config.data.seed, start),
+                        log_every=config.train.log_every, checkpoint_every=c.checkpoint_every,
+                        progress_keys=('loss', 'token_acc'), desc='backbone')
+  return dataclasses.replace(backbone, params=state.params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shared training loop.
+
+
+def _train_loop(state, step_fn: Callable, ckpt: checkpoint.Checkpointer, run_dir: str, mesh, *, total_steps: int,
+                batches: Callable[[int], Iterator[dict]], log_every: int, checkpoint_every: int,
+                progress_keys: Sequence[str], desc: str):
+  """Resumes from the newest readable checkpoint, trains to `total_steps`, saves the final state.
+
+  A NaN/inf metric raises FloatingPointError before anything of that step is saved, so the last
+  good checkpoint stays the newest one.
+  """
+  restored = ckpt.restore_latest(jax.tree.map(np.asarray, state))
+  start = 0
+  if restored is not None:
+    state, start = restored.state, int(restored.meta['data_position'])
+    logging.info('%s: resuming from step %d', desc, restored.step)
+  state = parallel.replicate(state, mesh)
+  writer = metrics_logging.MetricsWriter(run_dir, resume_step=start)
+  progress = metrics_logging.Progress(total_steps, start, keys=progress_keys, desc=desc)
+  try:
+    data = batches(start)
+    for step in range(start + 1, total_steps + 1):
+      state, metrics = step_fn(state, parallel.shard_batch(next(data), mesh))
+      metrics = jax.device_get(metrics)
+      checkpoint.check_finite(metrics, step)
+      if step % log_every == 0 or step == total_steps:
+        progress.update(step, writer.write(step, metrics))
+      if step % checkpoint_every == 0 or step == total_steps:
+        ckpt.save(step, state, data_position=step, final=step == total_steps)
+  finally:
+    progress.close()
+    writer.close()
+    ckpt.wait()
+  return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 2: FREE exits.
+
+
+def _gan_txs(config):
+  t = config.train
+  common = dict(warmup_steps=t.warmup_steps, grad_clip_norm=t.grad_clip)
+  return optim.make_gan_optimizers(ml_collections.ConfigDict(dict(
+      generator=optim.optimizer_config(learning_rate=t.g_learning_rate, **common),
+      discriminator=optim.optimizer_config(learning_rate=t.d_learning_rate, **common))), t.steps)
+
+
+def init_free_state(config: ml_collections.ConfigDict, backbone: Backbone) -> state_lib.FreeState:
+  """Exits initialised from the backbone (``exits.init``) and fresh discriminators, with optimizer states."""
+  stack = blip2.lm_stack(backbone.model.config, backbone.model.dtype)
+  lm_params = backbone.params['language_model']
+  e_rng, d_rng = jax.random.split(jax.random.key(config.seed))
+  exit_params = exits_lib.init_exit_params(stack, lm_params, config.exits.layers, init=config.exits.init,
+                                           separate_head=config.exits.separate_head, rng=e_rng)
+  disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
+  features = jax.eval_shape(lambda: stack.final_features(lm_params, jnp.zeros((1, 1, stack.hidden_size))))
+  d_params = disc.init(d_rng, jnp.zeros((disc.num_exits, 1, features.shape[-1])))['params']
+  return state_lib.create_free_state(exit_params, d_params, *_gan_txs(config))
+
+
+def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbone,
+               mesh: jax.sharding.Mesh) -> state_lib.FreeState:
+  """Stage 2: trains (or resumes, or just restores when finished) the exits and discriminators."""
+  state = init_free_state(config, backbone)
+  # Evaluation settings do not change training, so they may differ on a re-run.
+  trained_on = {k: _to_dict(v) for k, v in config.items() if k != 'eval'}
+  with checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints,
+                               config_hash=checkpoint.config_hash(trained_on)) as ckpt:
+    if ckpt.is_finished():
+      return ckpt.restore_latest(jax.tree.map(np.asarray, state)).state
+    disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
+    step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *_gan_txs(config),
+                                       mesh)
+    examples = load_examples(config, 'train', config.data.num_train, backbone.fmt.image_size)
+    examples['labelled'] = batching.label_subset(config.data.num_train, config.data.label_fraction,
+                                                 config.data.seed)
+    params = parallel.replicate(backbone.params, mesh)
+    adversarial = free_step.MODES[config.free.mode][0]
+    return _train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
+                       total_steps=config.train.steps,
+                       batches=lambda start: train_batches(examples, backbone, config.data.task,
+                                                           config.train.batch_size, config.data.seed, start),
+                       log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
+                       progress_keys=('d_loss', 'g_loss') if adversarial else ('g_loss',), desc='exits')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 3: evaluation.
+
+
+def evaluate_stage(config: ml_collections.ConfigDict, backbone: Backbone, exit_params: PyTree) -> dict:
+  """Teacher-forced answer accuracy of every exit and of the backbone on the test split, per question type.
+
+  An answer counts as right when every target token (answer and EOS) is the argmax given the true
+  prefix, which for greedy decoding is the same as generating exactly the target.
+
+  Returns:
+    {'exit_layers', 'num_layers', 'num_test', 'accuracy': {name: {question_type | 'all': float}},
+     'token_accuracy': {name: float}} with names 'exit{l}' and 'backbone'.
+  """
+  layers = tuple(config.exits.layers)
+  examples = load_examples(config, 'test', config.data.num_test, backbone.fmt.image_size)
+  predict = jax.jit(lambda p, e, b: free_step.exit_predictions(backbone.model, p, e, layers, b))
+  names = [f'exit{l}' for l in layers] + ['backbone']
+  right, token_hits, token_count, kinds = [], np.zeros(len(names)), 0, []
+  for chunk in batching.iterate_batches(examples, config.train.batch_size, 0, shuffle=False, num_epochs=1,
+                                        drop_remainder=False):
+    batch = batching.train_batch(chunk, backbone.tokenizer, backbone.fmt, config.data.task)
+    tokens = np.asarray(predict(backbone.params, exit_params, batch))
+    mask = backbone_step.target_mask(batch)
+    hit = (tokens == batch['labels'][None]) | ~mask[None]
+    rows = batch['valid']
+    right.append(hit.all(-1)[:, rows])
+    token_hits += ((tokens == batch['labels'][None]) & mask[None]).sum((1, 2))
+    token_count += mask.sum()
+    kinds += list(np.asarray(chunk.get('question_type', ['all'] * len(rows)))[rows])
+  right, kinds = np.concatenate(right, 1), np.asarray(kinds)
+  accuracy = {}
+  for i, name in enumerate(names):
+    accuracy[name] = {k: float(right[i, kinds == k].mean()) for k in sorted(set(kinds))}
+    accuracy[name]['all'] = float(right[i].mean())
+  return {'exit_layers': list(layers), 'num_layers': backbone.num_layers, 'num_test': int(right.shape[1]),
+          'accuracy': accuracy, 'token_accuracy': dict(zip(names, (token_hits / token_count).tolist()))}
+
+
+def format_table(summary: dict) -> str:
+  """A plain-text table: rows = question types, columns = exits then the backbone."""
+  names = list(summary['accuracy'])
+  kinds = list(summary['accuracy'][names[-1]])
+  width = max(map(len, kinds + ['token acc'])) + 2
+  lines = [''.ljust(width) + ''.join(n.rjust(10) for n in names)]
+  for k in kinds:
+    lines.append(k.ljust(width) + ''.join(f"{summary['accuracy'][n][k]:10.3f}" for n in names))
+  lines.append('token acc'.ljust(width) + ''.join(f"{summary['token_accuracy'][n]:10.3f}" for n in names))
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole run.
+
+Evaluator = Callable[[ml_collections.ConfigDict, str, Backbone, PyTree], dict]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       evaluators: Sequence[Evaluator] = ()) -> dict:
+  """Runs (or resumes, or skips what is finished) backbone, exits and evaluation; returns the eval summary.
+
+  Args:
+    config: a config from `free_jax.configs` (e.g. experiments/configs/vqa.py).
+    workdir: the run directory.
+    evaluators: extra ``fn(config, workdir, backbone, exit_params) -> dict`` run after training (e.g.
+      the early-exit decoder); their results are merged into the summary under their function names.
+  """
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  eval_path = os.path.join(workdir, EVAL_FILE)
+  backbone = backbone_stage(config, workdir, mesh)
+  state = exit_stage(config, workdir, backbone, mesh)
+  if os.path.exists(eval_path):
+    with open(eval_path) as f:
+      summary = json.load(f)  # a finished run: evaluated already, nothing is recomputed or rewritten
+  else:
+    summary = evaluate_stage(config, backbone, state.exits)
+    for fn in evaluators:
+      summary[fn.__name__] = fn(config, workdir, backbone, state.exits)
+    tmp = eval_path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(summary, f, indent=1)
+    os.replace(tmp, eval_path)
+  print(format_table(summary), flush=True)
+  return summary

@@ -1,0 +1,197 @@
+"""Tests for free_jax.inference.early_exit: equivalences with full-depth and teacher-forced decoding."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from free_jax import exits as exits_lib
+from free_jax.inference import confidence
+from free_jax.inference.early_exit import EarlyExitDecoder, layer_cost
+from free_jax.models import lm_api
+from free_jax.models.opt import OPTConfig, OPTStack
+from free_jax.models.t5 import T5Config, T5Stack
+
+N = 6  # new tokens
+EXITS = (1, 2)
+
+
+def _opt_case():
+  stack = OPTStack(OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                             ffn_dim=64, max_position_embeddings=16, word_embed_proj_dim=32))
+  lm_params = stack.init(jax.random.PRNGKey(0))
+  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (3, 5), 3, 100), np.int32)
+  valid = np.ones((3, 5), bool)
+  valid[1, :2] = False  # left padding
+  valid[2, :4] = False
+  return stack, lm_params, ids, valid, None
+
+
+def _t5_case():
+  stack = T5Stack(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=4,
+                           num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                           feed_forward_proj='gated-gelu', tie_word_embeddings=False))
+  lm_params = stack.init(jax.random.PRNGKey(0))
+  embeds = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 32))
+  encoder_mask = np.ones((2, 7), bool)
+  encoder_mask[1, 5:] = False
+  encoded = stack.encode(lm_params, embeds, encoder_mask)
+  start = np.zeros((2, 1), np.int32)  # decoder_start_token_id
+  return stack, lm_params, start, np.ones((2, 1), bool), encoded
+
+
+CASES = {'opt': _opt_case, 't5': _t5_case}
+
+
+@functools.cache
+def _setup(family):
+  stack, lm_params, prompt, valid, encoder = CASES[family]()
+  exit_params = exits_lib.init_exit_params(stack, lm_params, EXITS, init='random', rng=jax.random.PRNGKey(2))
+  decoder = EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=None)
+  return stack, lm_params, exit_params, prompt, valid, encoder, decoder
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _teacher_forced(stack, lm_params, exit_params, ids, valid, encoder):
+  """Uncached full forward of a whole sequence: (exit logits [E, B, T, V], final logits [B, T, V])."""
+  cache = stack.init_cache(*ids.shape)
+  h, cache, ctx = lm_api.begin_step(stack, lm_params, cache, valid, input_ids=ids, encoder=encoder)
+  out, hiddens, _ = stack.run_layers(lm_params, h, cache, ctx, 0, stack.num_layers)
+  _, exit_logits = exits_lib.apply_exits(stack, lm_params, exit_params, hiddens[np.asarray(EXITS) - 1],
+                                         valid, ctx)
+  return exit_logits, stack.logits(lm_params, stack.final_features(lm_params, out))
+
+
+def _full_greedy(stack, lm_params, exit_params, prompt, valid, encoder):
+  """Full-depth greedy decode by re-running the uncached forward on the growing sequence."""
+  batch, length = valid.shape
+  ids = np.concatenate([prompt, np.zeros((batch, N), np.int32)], 1)
+  mask = np.concatenate([valid, np.zeros((batch, N), bool)], 1)
+  for t in range(N):
+    _, logits = _teacher_forced(stack, lm_params, exit_params, ids, mask, encoder)
+    ids[:, length + t] = np.argmax(logits[:, length + t - 1], -1)
+    mask[:, length + t] = True
+  return ids[:, length:]
+
+
+def _on_generated(stack, lm_params, exit_params, prompt, valid, encoder, tokens):
+  """Teacher-forced exit and final logits at the positions that predicted each generated token."""
+  length = valid.shape[1]
+  ids = np.concatenate([prompt, tokens], 1)
+  mask = np.concatenate([valid, np.ones(tokens.shape, bool)], 1)
+  exit_logits, final = _teacher_forced(stack, lm_params, exit_params, ids, mask, encoder)
+  positions = slice(length - 1, length + N - 1)
+  return np.asarray(exit_logits[:, :, positions]), np.asarray(final[:, positions])
+
+
+@pytest.mark.parametrize('family', sorted(CASES))
+def test_never_exit_equals_full_depth_greedy(family):
+  stack, lm_params, exit_params, prompt, valid, encoder, decoder = _setup(family)
+  out = decoder(lm_params, exit_params, prompt, valid, confidence.NEVER_EXIT, encoder=encoder)
+  np.testing.assert_array_equal(out.tokens, _full_greedy(stack, lm_params, exit_params, prompt, valid, encoder))
+  np.testing.assert_array_equal(out.exit_index, len(EXITS))
+  np.testing.assert_array_equal(out.step_depth, len(EXITS))
+  assert int(out.num_steps) == N
+
+
+@pytest.mark.parametrize('family', sorted(CASES))
+def test_always_exit_equals_first_exit_teacher_forced(family):
+  # Every step stops at exit 0, so deeper layers only ever receive propagated K/V and are never read:
+  # each token is exactly exit 0's teacher-forced argmax on the generated prefix.
+  stack, lm_params, exit_params, prompt, valid, encoder, decoder = _setup(family)
+  out = decoder(lm_params, exit_params, prompt, valid, 0.0, encoder=encoder)
+  tokens = np.asarray(out.tokens)
+  exit_logits, final = _on_generated(stack, lm_params, exit_params, prompt, valid, encoder, tokens)
+  np.testing.assert_array_equal(tokens, exit_logits[0].argmax(-1))
+  np.testing.assert_array_equal(out.exit_index, 0)
+  np.testing.assert_array_equal(out.step_depth, 0)
+  # The exits are untrained, so this is not the full model's output.
+  assert (tokens != final.argmax(-1)).any()
+
+
+def test_first_exit_decisions_follow_confidence():
+  # Exit 0 always runs on exact inputs, so wherever a token left there it is exit 0's teacher-forced
+  # argmax, and it left there exactly when that confidence reached the threshold; the synchronous
+  # batch went as deep as its least confident row.
+  stack, lm_params, exit_params, prompt, valid, encoder, decoder = _setup('opt')
+  probe = decoder(lm_params, exit_params, prompt, valid, 0.0)
+  exit_logits, _ = _on_generated(stack, lm_params, exit_params, prompt, valid, encoder,
+                                 np.asarray(probe.tokens))
+  threshold = float(np.median(confidence.max_prob(exit_logits[0])))
+  out = decoder(lm_params, exit_params, prompt, valid, [threshold, confidence.NEVER_EXIT])
+  tokens, exit_index = np.asarray(out.tokens), np.asarray(out.exit_index)
+  exit_logits, _ = _on_generated(stack, lm_params, exit_params, prompt, valid, encoder, tokens)
+  confident = np.asarray(confidence.max_prob(exit_logits[0])) >= threshold
+  np.testing.assert_array_equal(exit_index == 0, confident)
+  np.testing.assert_array_equal(exit_index, np.where(confident, 0, len(EXITS)))
+  np.testing.assert_array_equal(tokens[confident], exit_logits[0].argmax(-1)[confident])
+  np.testing.assert_array_equal(out.step_depth, exit_index.max(0))
+  assert 0 < confident.mean() < 1
+
+
+def test_rows_stop_at_their_own_eos():
+  stack, lm_params, exit_params, prompt, valid, _, decoder = _setup('opt')
+  free = np.asarray(decoder(lm_params, exit_params, prompt, valid, 0.0).tokens)
+  eos = int(free[0, 2])
+  stopping = EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=eos, pad_token_id=1)
+  out = stopping(lm_params, exit_params, prompt, valid, 0.0)
+  for row, expected in zip(np.asarray(out.tokens), free):
+    hits = np.flatnonzero(expected == eos)
+    end = hits[0] + 1 if hits.size else N
+    np.testing.assert_array_equal(row[:end], expected[:end])
+    np.testing.assert_array_equal(row[end:], 1)
+  ends = [(np.flatnonzero(r == eos)[0] + 1 if (r == eos).any() else N) for r in free]
+  assert int(out.num_steps) == max(ends)
+  np.testing.assert_array_equal(np.asarray(out.exit_index) >= 0, np.arange(N)[None] < np.asarray(ends)[:, None])
+
+
+def test_patience():
+  # k = 1: the first exit always agrees with itself; k beyond the exits: never exit.
+  stack, lm_params, exit_params, prompt, valid, _, _ = _setup('opt')
+  decoder = EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=None, confidence='patience')
+  np.testing.assert_array_equal(decoder(lm_params, exit_params, prompt, valid, patience=1).exit_index, 0)
+  out = decoder(lm_params, exit_params, prompt, valid, patience=len(EXITS) + 1)
+  np.testing.assert_array_equal(out.exit_index, len(EXITS))
+  assert decoder.traces == 1
+
+
+def test_threshold_sweep_never_retraces():
+  stack, lm_params, exit_params, prompt, valid, _, _ = _setup('opt')
+  decoder = EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=None)
+  depths = []
+  for thresholds in (0.0, 0.3, [0.2, 0.9], 1.0, confidence.NEVER_EXIT, np.inf):
+    depths.append(float(np.mean(decoder(lm_params, exit_params, prompt, valid, thresholds).exit_index)))
+  assert decoder.traces == 1
+  assert depths[0] == 0 and depths[-1] == len(EXITS)
+  decoder(lm_params, exit_params, prompt[:1], valid[:1], 0.5)  # a new batch shape compiles once more
+  assert decoder.traces == 2
+
+
+def test_layer_cost():
+  np.testing.assert_array_equal(layer_cost([0, 1, 2], (1, 2), 4), [1 + 1, 2 + 2, 4 + 2])
+
+
+def test_bad_input_fails_before_compiling():
+  stack, lm_params, exit_params, prompt, valid, _, _ = _setup('opt')
+  decoder = EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=None)
+  with pytest.raises(ValueError, match=r'threshold\[0\] = -0.1'):
+    decoder(lm_params, exit_params, prompt, valid, -0.1)
+  with pytest.raises(ValueError, match='one per exit'):
+    decoder(lm_params, exit_params, prompt, valid, [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match='exit_params hold 3 exits'):
+    decoder(lm_params, exits_lib.init_exit_params(stack, lm_params, (1, 2, 3)), prompt, valid, 0.5)
+  with pytest.raises(ValueError, match='empty prompt'):
+    decoder(lm_params, exit_params, prompt[:, :0], valid[:, :0], 0.5)
+  with pytest.raises(ValueError, match=r'empty prompt: rows \[1\]'):
+    decoder(lm_params, exit_params, prompt, np.array([[True] * 5, [False] * 5, [True] * 5]), 0.5)
+  with pytest.raises(ValueError, match='max_position_embeddings=16'):
+    EarlyExitDecoder(stack, EXITS, max_new_tokens=12, eos_token_id=None)(lm_params, exit_params, prompt, valid)
+  with pytest.raises(ValueError, match=r'exit layer must be in \[1, 3\]'):
+    EarlyExitDecoder(stack, (2, 4), max_new_tokens=N, eos_token_id=None)
+  with pytest.raises(ValueError, match='max_new_tokens=0'):
+    EarlyExitDecoder(stack, EXITS, max_new_tokens=0, eos_token_id=None)
+  with pytest.raises(ValueError, match='Unknown confidence measure'):
+    EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=None, confidence='margin')
+  assert decoder.traces == 0
