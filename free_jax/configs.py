@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 1              # decoding batch size for quality and wall-clock figures
   c.eval.timing_repeats = 5          # repeats of the interleaved full vs early-exit timing (medians)
   c.eval.num_sweep_thresholds = 11   # thresholds in the quality-vs-speedup sweep
+  c.eval.calibration_method = 'ltt'  # 'ltt' (Learn-then-Test) or 'crc' (conformal risk control)
+  c.eval.prefill = 'early_exit'      # 'early_exit': the prompt step may exit too; 'full': prompt at full depth
+  c.eval.timing_examples = 128       # test examples in the wall-clock timing (0 = all of data.num_test)
   return c
 
 

@@ -100,7 +100,8 @@ class EarlyExitDecoder:
   Attributes:
     stack: the backbone LM.
     exit_layers: exit placement (`free_jax.exits.validate_layers`): exit i reads the output of
-      layer exit_layers[i].
+      layer exit_layers[i]. Empty: plain full-depth greedy decoding through the same program
+      structure (no exit params needed), the fair baseline for wall-clock speedups.
     max_new_tokens: N, tokens generated per row (including the EOS).
     eos_token_id: a row stops after emitting it (None: never).
     pad_token_id: written after a row's EOS.
@@ -122,8 +123,11 @@ class EarlyExitDecoder:
                                       repr=False)
 
   def __post_init__(self):
-    object.__setattr__(self, 'exit_layers',
-                       exits_lib.validate_layers(self.exit_layers, self.stack.num_layers))
+    if self.exit_layers:
+      object.__setattr__(self, 'exit_layers',
+                         exits_lib.validate_layers(self.exit_layers, self.stack.num_layers))
+    else:
+      object.__setattr__(self, 'exit_layers', ())
     if self.confidence != 'patience':
       conf_lib.get_confidence_fn(self.confidence)
     if self.prefill not in PREFILL_MODES:
@@ -146,7 +150,7 @@ class EarlyExitDecoder:
 
   def check_inputs(self, exit_params: PyTree, prompt_valid, thresholds=None, patience=None) -> None:
     """One-line ValueErrors for inputs the decoder cannot serve; called before compiling."""
-    held = exits_lib.num_exits(exit_params)
+    held = exits_lib.num_exits(exit_params) if self.num_exits else 0
     if held != self.num_exits:
       raise ValueError(f'exit_params hold {held} exits but exit_layers={self.exit_layers} has '
                        f'{self.num_exits}')
@@ -161,7 +165,7 @@ class EarlyExitDecoder:
     if limit is not None and valid.shape[1] + self.max_new_tokens > limit:
       raise ValueError(f'max_new_tokens={self.max_new_tokens} with a prompt of {valid.shape[1]} '
                        f'tokens exceeds the position limit max_position_embeddings={limit}')
-    if thresholds is not None:
+    if thresholds is not None and self.num_exits:
       conf_lib.validate_thresholds(thresholds, self.num_exits)
     if patience is not None:
       conf_lib.validate_patience(patience)
@@ -222,7 +226,8 @@ class EarlyExitDecoder:
                                       inputs_embeds=inputs_embeds, encoder=encoder)
     exit_cache = exit_cache.mark_valid(token_valid)
     # The exit layers as one stacked "layers" tree, so `propagate_kv` batches over deeper exits.
-    exit_stack = {'layers': jax.tree.map(lambda x: x[:, 0], exit_params['layers'])}
+    exit_stack = None if not self.num_exits else {
+        'layers': jax.tree.map(lambda x: x[:, 0], exit_params['layers'])}
     batch = token_valid.shape[0]
     s = _StepState(h=h, cache=cache, exit_cache=exit_cache, token=jnp.zeros(batch, jnp.int32),
                    exit_index=jnp.full(batch, self.num_exits, jnp.int32), decided=~active,
@@ -315,7 +320,8 @@ class EarlyExitDecoder:
       Others: see `compile`.
     """
     self.check_inputs(exit_params, prompt_valid, thresholds, patience)
-    thresholds = conf_lib.validate_thresholds(thresholds, self.num_exits)
+    thresholds = (conf_lib.validate_thresholds(thresholds, self.num_exits) if self.num_exits
+                  else np.zeros(0, np.float32))
     compiled, _ = self.compile(lm_params, exit_params, prompt, prompt_valid, encoder)
     return compiled(lm_params, exit_params, thresholds, np.int32(patience), prompt, prompt_valid,
                     encoder)

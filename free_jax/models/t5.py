@@ -1,4 +1,4 @@
-"""Flan-T5 / T5 encoder-decoder language model, numerically equal to transformers 5 ``T5ForConditionalGeneration``.
+"""Flan-T5 / T5 encoder-decoder LM, numerically equal to transformers 5 ``T5ForConditionalGeneration``.
 
 Contract
 --------
@@ -389,7 +389,8 @@ def t5_params_from_hf(get: TensorSource, config: T5Config) -> PyTree:
   else:
     params['lm_head'] = {'kernel': get('lm_head.weight', (c.vocab_size, d)).T}
   # Copies HF checkpoints may carry: tied embeddings, and a cross-attention bias HF never uses.
-  aliases = {'encoder.embed_tokens.weight': (c.vocab_size, d), 'decoder.embed_tokens.weight': (c.vocab_size, d),
+  aliases = {'encoder.embed_tokens.weight': (c.vocab_size, d),
+             'decoder.embed_tokens.weight': (c.vocab_size, d),
              'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight':
                  (c.relative_attention_num_buckets, c.num_heads)}
   for name, shape in aliases.items():

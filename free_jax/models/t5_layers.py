@@ -144,8 +144,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 
 def _dense(features: int, dtype: Any, name: str | None = None, stddev: float | None = None) -> nn.Dense:
-  """A bias-free projection (HF ``nn.Linear(bias=False)``); `stddev` overrides the init like HF's."""
-  init = nn.initializers.lecun_normal() if stddev is None else nn.initializers.normal(stddev)
+  """A bias-free projection (HF ``nn.Linear(bias=False)``), initialised as HF T5 does: normal with
+  std fan_in**-0.5 unless `stddev` is given."""
+  if stddev is None:
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+  else:
+    init = nn.initializers.normal(stddev)
   return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, name=name)
 
 

@@ -221,7 +221,7 @@ def _backbone_checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
                                  config_hash=_backbone_hash(config))
 
 
-def _init_params(model: blip2.Blip2Model, fmt: batching.InputFormat, rng: jax.Array) -> PyTree:
+def init_backbone_params(model: blip2.Blip2Model, fmt: batching.InputFormat, rng: jax.Array) -> PyTree:
   pixels = jnp.zeros((1, fmt.image_size, fmt.image_size, 3), model.dtype)
   ids = jnp.zeros((1, fmt.num_query_tokens + 2), jnp.int32)
   return model.init(rng, pixels, ids)['params']
@@ -236,7 +236,7 @@ def _backbone_tx(config):
 
 def _abstract_backbone_state(config, model, fmt) -> state_lib.BackboneState:
   return jax.eval_shape(lambda: state_lib.create_backbone_state(
-      _init_params(model, fmt, jax.random.key(config.seed)), _backbone_tx(config)))
+      init_backbone_params(model, fmt, jax.random.key(config.seed)), _backbone_tx(config)))
 
 
 def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Backbone:
@@ -250,7 +250,7 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   fmt = make_input_format(config, model_config, tokenizer)
   c = config.backbone_train
   tx = _backbone_tx(config)
-  state = state_lib.create_backbone_state(_init_params(model, fmt, jax.random.key(config.seed)), tx)
+  state = state_lib.create_backbone_state(init_backbone_params(model, fmt, jax.random.key(config.seed)), tx)
   step_fn = backbone_step.make_backbone_step(model, tx, mesh)
   backbone = Backbone(model, None, tokenizer, fmt)
   examples = load_examples(config, 'train', c.num_examples, fmt.image_size)

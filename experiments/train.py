@@ -1,0 +1,33 @@
+r"""Trains FREE exits (and, for the embedded config, the backbone first), then evaluates.
+
+  python experiments/train.py --config=experiments/configs/vqa.py --workdir=workdir/vqa
+  python experiments/train.py --config=experiments/configs/vqa.py:smoke --workdir=/tmp/smoke \
+    --config.free.mode=ce_only
+
+Re-running on the same workdir resumes an interrupted run and leaves a finished one untouched.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from free_jax.training import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:smoke].', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, evaluation).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    pipeline.validate_config(_CONFIG.value)
+  except ValueError as e:  # a bad config is a one-line message, not a traceback
+    sys.exit(f'config error: {e}')
+  pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,360 @@
+"""Early-exit evaluation of a trained FREE run: quality, calibration, exit statistics, measured speedups.
+
+`early_exit_evaluation(config, workdir, backbone, exit_params)` (also the evaluator hook of
+`training.pipeline.train_and_evaluate`) writes ``workdir/eval/summary.json`` and three PNGs:
+
+1. Decode the test split (``data.test_seed``) with the full-depth decoder (an `EarlyExitDecoder`
+   without exits: the same program structure, so timings compare like with like) and with early
+   exits; score both with the task metric (VQA: exact match / VQA accuracy; captions: CIDEr).
+2. Threshold: ``eval.threshold`` if >= 0, else calibrated on a calibration split (the generator's
+   'val' split) so the early-exit output disagrees with the reference (``eval.calibration_reference``:
+   the full model, or the ground truth for VQA) at most ``risk_delta`` with probability
+   >= 1 - ``risk_epsilon`` (`inference.calibrate`); the test split's achieved risk is reported.
+3. Wall clock: full vs early exit on the same inputs, interleaved in one process, one warm-up pass,
+   then the median of ``eval.timing_repeats`` passes. "decode" times the LM decoding from prepared
+   prompts (prefill included); "end_to_end" adds the image encoder, Q-Former (and T5 encoder).
+4. Threshold sweep (quality vs measured decode speedup), teacher-forced quality of every exit and of
+   every layer through the frozen head ("naive" exits: the mid-crisis curve), overthinking.
+
+For patience, the swept/calibrated "threshold" is the patience k (largest = most conservative).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from free_jax import exits as exits_lib
+from free_jax.data import batching, sort_of_clevr
+from free_jax.data import tokenizer as tokenizer_lib
+from free_jax.eval import analysis, metrics
+from free_jax.inference import calibrate as calibrate_lib
+from free_jax.inference import confidence as conf_lib
+from free_jax.inference.early_exit import EarlyExitDecoder, layer_cost
+from free_jax.models import blip2
+from free_jax.training import backbone_step, checkpoint, free_step, pipeline
+
+PyTree = Any
+EVAL_DIR = 'eval'
+SUMMARY_FILE = 'summary.json'
+
+
+def _metric_name(task: str) -> str:
+  return 'exact_match' if task == 'vqa' else 'CIDEr'
+
+
+def score(task: str, predictions: Sequence[str], examples: dict) -> tuple[float, np.ndarray | None]:
+  """(corpus quality, per-example scores or None) of generated texts against the examples' references."""
+  if task == 'vqa':
+    if 'answers' in examples:  # VQAv2-style: ten human answers per question
+      mean, per = metrics.vqa_accuracy_batch(predictions, examples['answers'])
+    else:
+      mean, per = metrics.exact_match_batch(predictions, examples['answer'])
+    return mean, np.asarray(per)
+  references = examples.get('captions') or [[c] for c in examples['caption']]
+  return metrics.caption_scores(list(predictions), [list(r) for r in references])['CIDEr'], None
+
+
+class Evaluator:
+  """Decoders, prepared inputs and timing for one trained run (see the module docstring)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, backbone: pipeline.Backbone, exit_params: PyTree):
+    self.config, self.backbone, self.exit_params = config, backbone, exit_params
+    self.task = config.data.task
+    model = backbone.model
+    self.stack = blip2.lm_stack(model.config, model.dtype)
+    self.exit_layers = tuple(config.exits.layers)
+    if exits_lib.num_exits(exit_params) != len(self.exit_layers):
+      raise ValueError(f'exit_params hold {exits_lib.num_exits(exit_params)} exits but exits.layers='
+                       f'{self.exit_layers}')
+    e = config.eval
+    tok = backbone.tokenizer
+    common = dict(max_new_tokens=e.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    self.early = EarlyExitDecoder(self.stack, self.exit_layers, confidence=e.confidence, prefill=e.prefill,
+                                  **common)
+    self.full = EarlyExitDecoder(self.stack, (), **common)
+    self.lm_params = backbone.params['language_model']
+    self._prompt_fn = jax.jit(self._prompt_inputs)
+    self._teacher_fn = jax.jit(self._teacher_forced)
+
+  # --- inputs -----------------------------------------------------------------------------------
+
+  def _prompt_inputs(self, params, image, input_ids, attention_mask):
+    """Device-side decoder inputs: (prompt, encoder) from pixels and prompt ids."""
+    model = self.backbone.model
+    if model.config.is_encoder_decoder:
+      encoder = model.apply({'params': params}, image, input_ids, attention_mask, method='encode')
+      start = jnp.full((input_ids.shape[0], 1), self.backbone.fmt.decoder_start_id, jnp.int32)
+      return start, encoder
+    return model.apply({'params': params}, image, input_ids, method='prompt_embeddings'), None
+
+  def batches(self, examples: dict, limit: int = 0) -> list[dict]:
+    """Generation batches (eval.batch_size rows, images on device) with host-side prompt validity."""
+    n = batching.num_rows(examples)
+    if limit:
+      examples = batching.take(examples, np.arange(min(limit, n)))
+    out = []
+    for chunk in batching.iterate_batches(examples, self.config.eval.batch_size, 0, shuffle=False, num_epochs=1,
+                                          drop_remainder=False):
+      b = batching.generation_batch(chunk, self.backbone.tokenizer, self.backbone.fmt, self.task)
+      if self.backbone.model.config.is_encoder_decoder:
+        valid = np.ones((len(b['valid']), 1), bool)
+      else:
+        valid = b['attention_mask'].astype(bool)
+      out.append({'image': jax.device_put(b['image']), 'input_ids': jax.device_put(b['input_ids']),
+                  'attention_mask': jax.device_put(b['attention_mask']), 'valid': valid, 'rows': b['valid']})
+    return out
+
+  def prompts(self, batch: dict):
+    return self._prompt_fn(self.backbone.params, batch['image'], batch['input_ids'], batch['attention_mask'])
+
+  # --- decoding -----------------------------------------------------------------------------------
+
+  def _setting(self, value: float) -> dict:
+    """Decoder keyword arguments for a threshold (or, for patience, k)."""
+    if self.config.eval.confidence == 'patience':
+      return {'patience': int(round(value))}
+    return {'thresholds': value}
+
+  def decode(self, decoder: EarlyExitDecoder, batches: list[dict], prepared: list, value: float = 0.0):
+    """Host arrays (tokens int[N, T], exit_index int[N, T], executed layers, full layers) over valid rows."""
+    setting = self._setting(value) if decoder.num_exits else {}
+    outs = [decoder(self.lm_params, self.exit_params, p, b['valid'], encoder=enc, **setting)
+            for b, (p, enc) in zip(batches, prepared)]
+    tokens, exits, cost, full_cost = [], [], 0.0, 0.0
+    for b, o in zip(batches, jax.device_get(outs)):
+      tokens.append(o.tokens[b['rows']])
+      exits.append(o.exit_index[b['rows']])
+      depth = o.step_depth[:int(o.num_steps)]
+      cost += layer_cost(depth, decoder.exit_layers, self.stack.num_layers).sum()
+      full_cost += depth.size * self.stack.num_layers
+    return np.concatenate(tokens), np.concatenate(exits), cost, full_cost
+
+  def texts(self, tokens: np.ndarray) -> list[str]:
+    return tokenizer_lib.decode(self.backbone.tokenizer, tokens)
+
+  # --- timing -------------------------------------------------------------------------------------
+
+  def time_pass(self, decoder: EarlyExitDecoder, batches: list[dict], prepared: list | None, value: float) -> float:
+    """Seconds for one pass over `batches` (prompts recomputed when `prepared` is None: end to end)."""
+    setting = self._setting(value) if decoder.num_exits else {}
+    start = time.perf_counter()
+    outs = []
+    for i, b in enumerate(batches):
+      prompt, encoder = prepared[i] if prepared is not None else self.prompts(b)
+      outs.append(decoder(self.lm_params, self.exit_params, prompt, b['valid'], encoder=encoder, **setting))
+    jax.block_until_ready(outs)
+    return time.perf_counter() - start
+
+  def time_interleaved(self, batches: list[dict], prepared: list | None, value: float, repeats: int) -> dict:
+    """Median seconds of full vs early exit, alternating passes after one warm-up pass of each."""
+    times = {'full': [], 'early_exit': []}
+    for r in range(repeats + 1):
+      for name, decoder in (('full', self.full), ('early_exit', self.early)):
+        t = self.time_pass(decoder, batches, prepared, value)
+        if r:
+          times[name].append(t)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {'full_s': medians['full'], 'early_exit_s': medians['early_exit'],
+            'speedup': medians['full'] / medians['early_exit'], 'repeats': repeats}
+
+  # --- teacher forcing ----------------------------------------------------------------------------
+
+  def _teacher_forced(self, params, exit_params, batch):
+    """int32 argmax tokens of every exit [E, B, T] and of every layer through the frozen head [L, B, T]."""
+    run = free_step.teacher_forced(self.backbone.model, params, batch)
+    _, logits = exits_lib.apply_exits(self.stack, params['language_model'], exit_params,
+                                      run.hiddens[jnp.asarray(self.exit_layers) - 1], run.token_valid, run.ctx)
+    lm = params['language_model']
+    naive = jax.lax.map(lambda h: jnp.argmax(self.stack.logits(lm, self.stack.final_features(lm, h)), -1),
+                        run.hiddens)
+    return jnp.argmax(logits, -1).astype(jnp.int32), naive.astype(jnp.int32)
+
+  def teacher_forced_quality(self, examples: dict) -> dict:
+    """Per-exit and per-layer teacher-forced quality, and overthinking (answers for VQA, tokens for captions).
+
+    VQA: an example is right at an exit when every target token (answer and EOS) is its argmax given
+    the true prefix. Captions: tokens are the examples.
+    """
+    exit_right, layer_right = [], []
+    for chunk in batching.iterate_batches(examples, self.config.train.batch_size, 0, shuffle=False, num_epochs=1,
+                                          drop_remainder=False):
+      batch = batching.train_batch(chunk, self.backbone.tokenizer, self.backbone.fmt, self.task)
+      exit_tokens, layer_tokens = jax.device_get(self._teacher_fn(self.backbone.params, self.exit_params, batch))
+      mask = backbone_step.target_mask(batch) & batch['valid'][:, None]
+      for tokens, out in ((exit_tokens, exit_right), (layer_tokens, layer_right)):
+        hit = tokens == batch['labels'][None]
+        if self.task == 'vqa':
+          out.append((hit | ~mask[None]).all(-1)[:, batch['valid']])
+        else:
+          out.append(hit[:, mask])
+    exit_right, layer_right = np.concatenate(exit_right, 1), np.concatenate(layer_right, 1)
+    final = layer_right[-1]
+    return {'per_exit': analysis.per_exit_quality(np.concatenate([exit_right, final[None]])).tolist(),
+            'per_layer_naive': analysis.per_exit_quality(layer_right).tolist(),
+            'overthinking_rate': analysis.overthinking_rate(exit_right, final),
+            'naive_overthinking_rate': analysis.overthinking_rate(layer_right[:-1], final),
+            'unit': 'answer' if self.task == 'vqa' else 'token'}
+
+
+def _losses(ev: Evaluator, predictions: np.ndarray, reference_tokens: np.ndarray, examples: dict) -> np.ndarray:
+  """float[K, n] calibration losses of predictions int[K, n, T] against the configured reference."""
+  if ev.config.eval.calibration_reference == 'full_model':
+    return calibrate_lib.disagreement_losses(predictions, reference_tokens)
+  if ev.config.eval.calibration_reference == 'ground_truth':
+    if ev.task != 'vqa':
+      raise ValueError("eval.calibration_reference='ground_truth' needs a per-example 0/1 metric (task 'vqa')")
+    return np.stack([1.0 - score('vqa', ev.texts(p), examples)[1] for p in predictions])
+  raise ValueError(f"eval.calibration_reference={ev.config.eval.calibration_reference!r}; expected "
+                   "'full_model' or 'ground_truth'")
+
+
+def sweep_grid(ev: Evaluator) -> np.ndarray:
+  """Settings from the most conservative to the most aggressive (thresholds, or patience k)."""
+  e = ev.config.eval
+  if e.confidence == 'patience':
+    return np.arange(len(ev.exit_layers) + 1, 0, -1, dtype=np.float64)
+  return np.linspace(1.0, 0.0, e.num_sweep_thresholds)
+
+
+def _check_eval_config(config: ml_collections.ConfigDict) -> None:
+  e = config.eval
+  if e.confidence not in conf_lib.CONFIDENCE_FNS and e.confidence != 'patience':
+    raise ValueError(f'eval.confidence={e.confidence!r}; expected one of {sorted(conf_lib.CONFIDENCE_FNS)} '
+                     "or 'patience'")
+  if e.timing_repeats < 1 or e.batch_size < 1 or e.num_sweep_thresholds < 2:
+    raise ValueError(f'eval.timing_repeats={e.timing_repeats}, eval.batch_size={e.batch_size} must be >= 1 and '
+                     f'eval.num_sweep_thresholds={e.num_sweep_thresholds} >= 2')
+  if e.calibration_method not in calibrate_lib.METHODS:
+    raise ValueError(f'eval.calibration_method={e.calibration_method!r}; expected one of {calibrate_lib.METHODS}')
+  if e.threshold > 1 and e.confidence != 'patience':
+    raise ValueError(f'eval.threshold={e.threshold} is above 1; use a value in [0, 1] or < 0 to calibrate')
+
+
+def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backbone: pipeline.Backbone,
+                          exit_params: PyTree) -> dict:
+  """Runs the whole evaluation (module docstring); writes and returns ``workdir/eval/summary.json``."""
+  _check_eval_config(config)
+  e = config.eval
+  ev = Evaluator(config, backbone, exit_params)
+  out_dir = os.path.join(workdir, EVAL_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  image_size = backbone.fmt.image_size
+  test = pipeline.load_examples(config, 'test', config.data.num_test, image_size)
+  test_batches = ev.batches(test)
+  test_prompts = [ev.prompts(b) for b in test_batches]
+  full_tokens, _, _, _ = ev.decode(ev.full, test_batches, test_prompts)
+  quality_full, _ = score(ev.task, ev.texts(full_tokens), test)
+  grid = sweep_grid(ev)
+
+  calibration = None
+  if e.threshold >= 0:
+    value = float(e.threshold)
+  else:
+    cal = sort_of_clevr.make_split('val', config.data.num_calibration, config.data.seed, task=ev.task,
+                                   image_size=image_size)
+    cal_batches = ev.batches(cal)
+    cal_prompts = [ev.prompts(b) for b in cal_batches]
+    reference, _, _, _ = ev.decode(ev.full, cal_batches, cal_prompts)
+    predictions = np.stack([ev.decode(ev.early, cal_batches, cal_prompts, v)[0] for v in grid])
+    result = calibrate_lib.calibrate(grid, _losses(ev, predictions, reference, cal), e.risk_delta,
+                                     e.risk_epsilon, e.calibration_method)
+    calibration = result.to_dict()
+    value = result.threshold
+    if e.confidence == 'patience' and result.index is None:
+      value = float(len(ev.exit_layers) + 1)  # patience beyond the number of exits never exits
+
+  tokens, exit_index, cost, full_cost = ev.decode(ev.early, test_batches, test_prompts, value)
+  quality_early, _ = score(ev.task, ev.texts(tokens), test)
+  test_risk = float(_losses(ev, tokens[None], full_tokens, test).mean())
+  generated = exit_index >= 0
+  depth_layers = np.asarray((*ev.exit_layers, ev.stack.num_layers))
+  histogram = analysis.exit_histogram(exit_index[generated], len(ev.exit_layers) + 1)
+
+  timing_count = e.timing_examples or config.data.num_test
+  timed = test_batches[:-(-timing_count // e.batch_size)]
+  decode_timing = ev.time_interleaved(timed, test_prompts[:len(timed)], value, e.timing_repeats)
+  e2e_timing = ev.time_interleaved(timed, None, value, e.timing_repeats)
+
+  sweep = []
+  for v in grid:
+    sw_tokens, _, sw_cost, sw_full = ev.decode(ev.early, test_batches, test_prompts, v)
+    seconds = statistics.median(ev.time_pass(ev.early, timed, test_prompts[:len(timed)], v)
+                                for _ in range(min(3, e.timing_repeats)))
+    sweep.append({'threshold': float(v), 'quality': score(ev.task, ev.texts(sw_tokens), test)[0],
+                  'speedup_layers': sw_full / sw_cost, 'speedup_decode_wallclock': decode_timing['full_s'] / seconds})
+
+  teacher = ev.teacher_forced_quality(test)
+  names = [f'exit{l}' for l in ev.exit_layers] + ['final']
+  summary = {
+      'quality_metric': _metric_name(ev.task),
+      'quality_full': quality_full,
+      'quality_early_exit': quality_early,
+      'threshold': value,
+      'confidence': e.confidence,
+      'prefill': e.prefill,
+      'calibration': calibration,
+      'test_risk': test_risk,
+      'calibration_reference': e.calibration_reference,
+      'num_layers': ev.stack.num_layers,
+      'exit_layers': list(ev.exit_layers),
+      'mean_exit_layer': float(depth_layers[exit_index[generated]].mean()),
+      'exit_histogram': dict(zip(names, histogram.tolist())),
+      'speedup_layers': full_cost / cost,
+      'speedup_decode_wallclock': decode_timing['speedup'],
+      'speedup_end_to_end_wallclock': e2e_timing['speedup'],
+      'timing': {'decode': decode_timing, 'end_to_end': e2e_timing, 'examples': min(timing_count, config.data.num_test),
+                 'batch_size': e.batch_size, 'max_new_tokens': e.max_new_tokens,
+                 'compile_s': {'full': ev.full.compile(ev.lm_params, None, test_prompts[0][0], timed[0]['valid'],
+                                                       test_prompts[0][1])[1],
+                               'early_exit': ev.early.compile(ev.lm_params, exit_params, test_prompts[0][0],
+                                                              timed[0]['valid'], test_prompts[0][1])[1]},
+                 'backend': jax.default_backend()},
+      'per_exit_quality': dict(zip(names, teacher['per_exit'])),
+      'per_exit_quality_unit': teacher['unit'],
+      'per_layer_quality_naive': teacher['per_layer_naive'],
+      'overthinking_rate': teacher['overthinking_rate'],
+      'naive_overthinking_rate': teacher['naive_overthinking_rate'],
+      'sweep': sweep,
+      'num_test': config.data.num_test,
+      'test_seed': config.data.test_seed,
+  }
+  analysis.plot_quality_vs_speedup(
+      {f'FREE exits ({e.confidence})': ([s['speedup_decode_wallclock'] for s in sweep],
+                                        [s['quality'] for s in sweep])},
+      os.path.join(out_dir, 'quality_vs_speedup.png'), full_quality=quality_full, quality_label=summary['quality_metric'])
+  # Both curves at the exit layers and the last layer, so they share an x axis.
+  at = np.asarray((*ev.exit_layers, ev.stack.num_layers)) - 1
+  analysis.plot_per_layer_quality(
+      {'naive exits (frozen head)': np.asarray(teacher['per_layer_naive'])[at], 'FREE exits': teacher['per_exit']},
+      os.path.join(out_dir, 'per_layer_quality.png'), layers=at + 1,
+      quality_label=f'teacher-forced {teacher["unit"]} accuracy')
+  analysis.plot_exit_histogram(histogram, os.path.join(out_dir, 'exit_histogram.png'), labels=names)
+  path = os.path.join(out_dir, SUMMARY_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(summary, f, indent=1)
+  os.replace(path + '.tmp', path)
+  return summary
+
+
+def load_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[pipeline.Backbone, PyTree]:
+  """The finished backbone and exit params of a training run in `workdir` (nothing is trained here)."""
+  backbone = pipeline.load_backbone(config, workdir)
+  if backbone is None:
+    raise FileNotFoundError(f'no finished backbone in {workdir!r}; run experiments/train.py first')
+  target = jax.eval_shape(lambda: pipeline.init_free_state(config, backbone))
+  # No config hash here: evaluation-only overrides (data.test_seed, eval.*) must not block loading.
+  with checkpoint.Checkpointer(os.path.join(workdir, pipeline.CHECKPOINT_DIR)) as ckpt:
+    if not ckpt.is_finished():
+      raise FileNotFoundError(f'no finished exit training in {os.path.join(workdir, pipeline.CHECKPOINT_DIR)!r}; '
+                              'run experiments/train.py first')
+    return backbone, ckpt.restore_latest(target).state.exits
