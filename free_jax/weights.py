@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +20,12 @@ import transformers
 
 from free_jax.models.blip2 import Blip2Config, Blip2Model
 from free_jax.models.hf_tensors import TensorSource, WeightsError, linear
+from free_jax.models.lm_api import PyTree
 from free_jax.models.opt import OPTConfig, opt_params_from_hf
 from free_jax.models.qformer import qformer_params_from_hf
 from free_jax.models.t5 import t5_params_from_hf
 from free_jax.models.vit import vision_params_from_hf
 
-PyTree = Any
 
 _SINGLE = 'model.safetensors'
 _INDEX = 'model.safetensors.index.json'

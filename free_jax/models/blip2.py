@@ -1,7 +1,7 @@
 """BLIP-2 (ViT -> Q-Former -> projection -> OPT or Flan-T5), equal to transformers 5
 ``Blip2ForConditionalGeneration``.
 
-Contract (see /DESIGN.md)::
+Contract (see DESIGN.md)::
 
   model = Blip2Model(config, dtype)
   out = model.apply({'params': params}, pixel_values, input_ids, attention_mask,
@@ -42,7 +42,6 @@ from free_jax.models.qformer import QFormer, QFormerConfig
 from free_jax.models.t5 import T5Config, T5Encoded, T5Stack
 from free_jax.models.vit import VisionConfig, VisionModel
 
-PyTree = Any
 
 _TEXT_CONFIGS = {'opt': OPTConfig, 't5': T5Config}
 

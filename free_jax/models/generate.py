@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from free_jax.models import lm_api
+from free_jax.models.lm_api import PyTree
 from free_jax.models.blip2 import Blip2Model
 from free_jax.models.opt import OPTConfig
 
-PyTree = Any
 
 
 def lm_step(stack: lm_api.DecoderStack, lm_params: PyTree, cache: lm_api.KVCache,
@@ -104,34 +104,37 @@ class DecodeState:
   encoder: Any = None
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens'))
 def generate(model: Blip2Model, params: PyTree, pixel_values: jax.Array, input_ids: jax.Array,
              attention_mask: jax.Array, max_new_tokens: int,
              eos_token_id: int | None = None) -> jax.Array:
   """Greedy decoding, as HF ``generate(do_sample=False, num_beams=1)``; one compiled program.
 
   Args:
-    model: the BLIP-2 module (static).
+    model: the BLIP-2 module.
     params: its params.
     pixel_values: float[B, H, W, 3].
     input_ids: int[B, T] prompt with image tokens, left-padded.
     attention_mask: int/bool[B, T].
-    max_new_tokens: N (static).
-    eos_token_id: a row stops after emitting it (traced: changing it does not recompile); None
-      never stops early. Pass ``model.config.text.eos_token_id`` for HF's default.
+    max_new_tokens: N (a new N compiles a new program).
+    eos_token_id: a row stops after emitting it (a traced value: changing it does not recompile);
+      None never stops early. Pass ``model.config.text.eos_token_id`` for HF's default.
 
   Returns:
     int32[B, N] new tokens (without the prompt or T5's start token); ``pad_token_id`` after a row's
     EOS, as HF pads finished rows. The loop exits once every row is done.
   """
+  eos = jnp.asarray(-1 if eos_token_id is None else eos_token_id, jnp.int32)  # -1 matches no token
+  return _greedy(model, params, pixel_values, input_ids, attention_mask, max_new_tokens, eos)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens'))
+def _greedy(model, params, pixel_values, input_ids, attention_mask, max_new_tokens, eos):
   stack, lm_params = model.lm_stack(), params['language_model']
   pad = model.config.text.pad_token_id or 0  # HF pads with 0 when the config has no pad id
   logits, cache, encoder = prefill(model, params, pixel_values, input_ids, attention_mask,
                                    max_new_tokens)
   first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   tokens = jnp.full((first.shape[0], max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
-  eos = jnp.asarray(-1 if eos_token_id is None else eos_token_id, jnp.int32)  # -1: no token
-  is_eos = lambda t: t == eos
 
   def cond(s: DecodeState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -140,8 +143,8 @@ def generate(model: Blip2Model, params: PyTree, pixel_values: jax.Array, input_i
     logits, cache = extend(stack, lm_params, s.tokens[:, s.step - 1], s.cache, s.encoder)
     token = jnp.where(s.done, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     return DecodeState(tokens=s.tokens.at[:, s.step].set(token), cache=cache, step=s.step + 1,
-                       done=s.done | is_eos(token), encoder=s.encoder)
+                       done=s.done | (token == eos), encoder=s.encoder)
 
-  init = DecodeState(tokens=tokens, cache=cache, step=jnp.ones((), jnp.int32), done=is_eos(first),
+  init = DecodeState(tokens=tokens, cache=cache, step=jnp.ones((), jnp.int32), done=first == eos,
                      encoder=encoder)
   return jax.lax.while_loop(cond, body, init).tokens

@@ -15,10 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from free_jax.models.lm_api import KVCache
+from free_jax.models.lm_api import KVCache, PyTree
 from free_jax.models.vit import hf_activation
 
-PyTree = Any
 
 
 class SelfAttention(nn.Module):

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from free_jax.models import lm_api
+from free_jax.models.lm_api import PyTree
 from free_jax.models.hf_tensors import TensorSource, layer_norm, linear, stack_layers
 from free_jax.models.layers import Mlp, SelfAttention, scan_layers, write_layers_kv
 from free_jax.models.vit import hf_activation
 
-PyTree = Any
 
 _POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy).
 _LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which OPT uses.

@@ -137,7 +137,8 @@ class T5Stack:
   @property
   def decoder_layer(self) -> T5DecoderLayer:
     """The linen module of one decoder (or exit) layer."""
-    return T5DecoderLayer(self.config, self.dtype)
+    # parent=None: unattached, so the stack also works when called inside another module's apply.
+    return T5DecoderLayer(self.config, self.dtype, parent=None)
 
   def init(self, rng: jax.Array) -> PyTree:
     """Random lm_params (HF's initialisation scales), the tree `t5_params_from_hf` returns."""
@@ -152,7 +153,7 @@ class T5Stack:
       return layer(h, kv, kv, 0, bias, mask, *layer.cross_key_value(h), mask[:, 0])
 
     init_dec = lambda r: self.decoder_layer.init(r, h, method=full_layer)['params']
-    init_enc = lambda r: T5EncoderLayer(c, d).init(r, h, bias, mask)['params']
+    init_enc = lambda r: T5EncoderLayer(c, d, parent=None).init(r, h, bias, mask)['params']
     normal = lambda r, shape, std: (std * jax.random.normal(r, shape)).astype(d)
     stack_norm = lambda r: {
         'relative_attention_bias': {
@@ -185,7 +186,7 @@ class T5Stack:
     return inputs_embeds.astype(self.dtype)
 
   def _norm(self, params: PyTree, h: jax.Array) -> jax.Array:
-    return t5_norm(self.config, self.dtype).apply({'params': params}, h)
+    return t5_norm(self.config, self.dtype, parent=None).apply({'params': params}, h)
 
   def encoder_forward(self, lm_params: PyTree, inputs_embeds: jax.Array,
                       attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -209,7 +210,7 @@ class T5Stack:
     slots = jnp.arange(h.shape[1])[None]
     bias = position_bias(params['relative_attention_bias']['embedding'], slots, slots, True, self.config)
     mask = attention_mask.astype(bool)[:, None, :]
-    layer = T5EncoderLayer(self.config, self.dtype)
+    layer = T5EncoderLayer(self.config, self.dtype, parent=None)
 
     def body(h, layer_params):
       h = layer.apply({'params': layer_params}, h, bias, mask)

@@ -153,9 +153,10 @@ def _dense(features: int, dtype: Any, name: str | None = None, stddev: float | N
   return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, name=name)
 
 
-def t5_norm(config: T5Config, dtype: Any, name: str | None = None) -> nn.RMSNorm:
+def t5_norm(config: T5Config, dtype: Any, name: str | None = None, **kwargs) -> nn.RMSNorm:
   """HF ``T5LayerNorm`` (params ``scale``): RMSNorm without mean or bias, reduced in float32."""
-  return nn.RMSNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=dtype, name=name)
+  return nn.RMSNorm(epsilon=config.layer_norm_epsilon, dtype=dtype, param_dtype=dtype, name=name,
+                    **kwargs)
 
 
 class T5Attention(nn.Module):

@@ -222,9 +222,10 @@ def _backbone_checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
 
 
 def init_backbone_params(model: blip2.Blip2Model, fmt: batching.InputFormat, rng: jax.Array) -> PyTree:
+  """Random `Blip2Model` params (jitted: op-by-op init of the layer scans takes tens of seconds)."""
   pixels = jnp.zeros((1, fmt.image_size, fmt.image_size, 3), model.dtype)
   ids = jnp.zeros((1, fmt.num_query_tokens + 2), jnp.int32)
-  return model.init(rng, pixels, ids)['params']
+  return jax.jit(lambda r: model.init(r, pixels, ids)['params'])(rng)
 
 
 def _backbone_tx(config):

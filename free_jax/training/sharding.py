@@ -1,4 +1,4 @@
-"""Placement of the frozen backbone on the 'data' mesh: replicated, or FSDP-sharded (``train.backbone_sharding``).
+"""The frozen backbone on the 'data' mesh: replicated or FSDP-sharded (``train.backbone_sharding``).
 
 The exits, discriminators and optimizer states are small and stay replicated (`parallel.replicate`);
 only the frozen BLIP-2 backbone is worth sharding. Two modes:
@@ -74,7 +74,8 @@ def backbone_shardings(params: PyTree, mesh: Mesh, mode: str,
   return jax.tree.map(lambda leaf: NamedSharding(mesh, spec(leaf)), params)
 
 
-def place_backbone(params: PyTree, mesh: Mesh, mode: str, min_size_to_shard: int = MIN_SIZE_TO_SHARD) -> PyTree:
+def place_backbone(params: PyTree, mesh: Mesh, mode: str,
+                   min_size_to_shard: int = MIN_SIZE_TO_SHARD) -> PyTree:
   """`params` placed on `mesh` as `backbone_shardings` says (pass the result to a jitted step)."""
   return jax.device_put(params, backbone_shardings(params, mesh, mode, min_size_to_shard))
 

@@ -132,6 +132,13 @@ def test_first_exit_decisions_follow_confidence():
   np.testing.assert_array_equal(tokens[confident], exit_logits[0].argmax(-1)[confident])
   np.testing.assert_array_equal(out.step_depth, exit_index.max(0))
   assert 0 < confident.mean() < 1
+  # Later steps went deep after early exits, reading propagated K/V: deferring the propagation
+  # until then writes the same entries as propagating at once.
+  assert (np.diff(np.asarray(out.step_depth)) > 0).any()
+  eager = EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=None, propagation='eager')
+  eager_out = eager(lm_params, exit_params, prompt, valid, [threshold, confidence.NEVER_EXIT])
+  np.testing.assert_array_equal(eager_out.tokens, tokens)
+  np.testing.assert_array_equal(eager_out.exit_index, exit_index)
 
 
 def test_rows_stop_at_their_own_eos():

@@ -1,5 +1,7 @@
 """OPT as a DecoderStack: parity with transformers' OPTForCausalLM, cache and layer-range identities."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +54,7 @@ def _batch(seed=0, batch=3, length=9):
   return jnp.asarray(ids), jnp.asarray(mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _full_forward(stack, lm_params, ids, mask):
   cache = stack.init_cache(*ids.shape)
   h, cache, ctx = lm_api.begin_step(stack, lm_params, cache, mask, input_ids=ids)
@@ -82,6 +85,12 @@ def opt4():
   return _load(_hf_opt(num_hidden_layers=4))
 
 
+_begin = jax.jit(lambda stack, p, cache, mask, ids: lm_api.begin_step(stack, p, cache, mask, input_ids=ids),
+                 static_argnums=0)
+_run = jax.jit(lambda stack, *args: stack.run_layers(*args), static_argnums=(0, 5, 6))
+_propagate = jax.jit(lambda stack, *args: stack.propagate_kv(*args), static_argnums=(0, 5, 6))
+
+
 def test_cached_decode_equals_full_forward(opt4):
   stack, lm_params = opt4
   ids, mask = _batch(length=10)
@@ -103,11 +112,10 @@ def test_cached_decode_equals_full_forward(opt4):
 def test_layer_ranges_compose(opt4):
   stack, lm_params = opt4
   ids, mask = _batch()
-  cache = stack.init_cache(*ids.shape)
-  h, cache, ctx = lm_api.begin_step(stack, lm_params, cache, mask, input_ids=ids)
-  full_h, full_hiddens, full_cache = stack.run_layers(lm_params, h, cache, ctx, 0, 4)
-  mid_h, low_hiddens, split_cache = stack.run_layers(lm_params, h, cache, ctx, 0, 1)
-  split_h, high_hiddens, split_cache = stack.run_layers(lm_params, mid_h, split_cache, ctx, 1, 4)
+  h, cache, ctx = _begin(stack, lm_params, stack.init_cache(*ids.shape), mask, ids)
+  full_h, full_hiddens, full_cache = _run(stack, lm_params, h, cache, ctx, 0, 4)
+  mid_h, low_hiddens, split_cache = _run(stack, lm_params, h, cache, ctx, 0, 1)
+  split_h, high_hiddens, split_cache = _run(stack, lm_params, mid_h, split_cache, ctx, 1, 4)
   np.testing.assert_allclose(split_h, full_h, atol=1e-6)
   np.testing.assert_allclose(jnp.concatenate([low_hiddens, high_hiddens]), full_hiddens, atol=1e-6)
   np.testing.assert_allclose(split_cache.k, full_cache.k, atol=1e-6)
@@ -118,10 +126,10 @@ def test_propagate_kv_writes_each_layers_projection_of_h(opt4):
   stack, lm_params = opt4
   ids, mask = _batch()
   cache = stack.init_cache(ids.shape[0], ids.shape[1] + 2)
-  h, cache, ctx = lm_api.begin_step(stack, lm_params, cache, mask, input_ids=ids)
-  h1, _, ran = stack.run_layers(lm_params, h, cache, ctx, 0, 2)  # h1 is layer 2's input
-  propagated = stack.propagate_kv(lm_params, h1, ran, ctx, 2, 4)
-  _, _, reference = stack.run_layers(lm_params, h1, ran, ctx, 2, 3)
+  h, cache, ctx = _begin(stack, lm_params, cache, mask, ids)
+  h1, _, ran = _run(stack, lm_params, h, cache, ctx, 0, 2)  # h1 is layer 2's input
+  propagated = _propagate(stack, lm_params, h1, ran, ctx, 2, 4)
+  _, _, reference = _run(stack, lm_params, h1, ran, ctx, 2, 3)
   t = ids.shape[1]
   # Layer 2 really sees h1, so its propagated K/V are the ones running it writes.
   np.testing.assert_allclose(propagated.k[2], reference.k[2], atol=1e-6)

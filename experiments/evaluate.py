@@ -1,0 +1,42 @@
+r"""Evaluates a trained FREE run: early-exit decoding quality, calibration and measured speedups.
+
+  python experiments/evaluate.py --config=experiments/configs/vqa.py --workdir=workdir/vqa
+  python experiments/evaluate.py --config=experiments/configs/vqa.py --workdir=workdir/vqa \
+    --config.data.test_seed=7 --config.eval.threshold=0.9
+
+Writes WORKDIR/eval/summary.json and WORKDIR/eval/*.png (see `free_jax.eval.evaluator`). Nothing is
+trained: the backbone and exits must already be in the workdir (experiments/train.py).
+"""
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from free_jax.eval import evaluator
+from free_jax.training import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:smoke].', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by experiments/train.py.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+_SHOWN = ('quality_metric', 'quality_full', 'quality_early_exit', 'threshold', 'mean_exit_layer', 'speedup_layers',
+          'speedup_decode_wallclock', 'speedup_end_to_end_wallclock', 'overthinking_rate')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  try:
+    pipeline.validate_config(config)
+    backbone, exit_params = evaluator.load_run(config, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:  # one line, not a traceback
+    sys.exit(f'error: {e}')
+  summary = evaluator.early_exit_evaluation(config, _WORKDIR.value, backbone, exit_params)
+  print(json.dumps({k: summary[k] for k in _SHOWN}, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)
