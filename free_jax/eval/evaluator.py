@@ -236,8 +236,6 @@ def _check_eval_config(config: ml_collections.ConfigDict) -> None:
                      f'eval.num_sweep_thresholds={e.num_sweep_thresholds} >= 2')
   if e.calibration_method not in calibrate_lib.METHODS:
     raise ValueError(f'eval.calibration_method={e.calibration_method!r}; expected one of {calibrate_lib.METHODS}')
-  if e.threshold > 1 and e.confidence != 'patience':
-    raise ValueError(f'eval.threshold={e.threshold} is above 1; use a value in [0, 1] or < 0 to calibrate')
 
 
 def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backbone: pipeline.Backbone,

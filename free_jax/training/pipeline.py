@@ -91,10 +91,16 @@ def embedded_model_config(e: ml_collections.ConfigDict, tokenizer) -> blip2.Blip
       image_token_index=tokenizer.convert_tokens_to_ids(tokenizer_lib.IMAGE))
 
 
+def _tokenizer(config: ml_collections.ConfigDict):
+  if config.model.source == 'pretrained':
+    return tokenizer_lib.load_tokenizer(config.model.pretrained_path)
+  return tokenizer_lib.embedded_tokenizer('opt')
+
+
 def _model_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
   if config.model.source == 'pretrained':
     return blip2.Blip2Config.from_pretrained(config.model.pretrained_path)
-  return embedded_model_config(config.model.embedded, tokenizer_lib.embedded_tokenizer('opt'))
+  return embedded_model_config(config.model.embedded, _tokenizer(config))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -143,6 +149,7 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
   exits_lib.validate_layers(config.exits.layers, num_layers)
   if config.model.source == 'embedded':
     _check(not model_config.is_encoder_decoder, 'the embedded backbone is OPT-only')
+  make_input_format(config, model_config, _tokenizer(config))  # text lengths vs data.max_text_length
   return model_config
 
 
@@ -204,9 +211,9 @@ def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> Backbone |
   if config.model.source == 'pretrained':
     import free_jax  # pylint: disable=g-import-not-at-top  (lazy: pulls in transformers' loaders)
     model, params = free_jax.load_pretrained(config.model.pretrained_path, dtype)
-    tokenizer = free_jax.load_tokenizer(config.model.pretrained_path)
+    tokenizer = _tokenizer(config)
     return Backbone(model, params, tokenizer, make_input_format(config, model_config, tokenizer))
-  tokenizer = tokenizer_lib.embedded_tokenizer('opt')
+  tokenizer = _tokenizer(config)
   model = blip2.Blip2Model(model_config, dtype)
   fmt = make_input_format(config, model_config, tokenizer)
   with _backbone_checkpointer(config, workdir) as ckpt:
@@ -246,7 +253,7 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   if backbone is not None:
     return backbone
   model_config = validate_config(config)
-  tokenizer = tokenizer_lib.embedded_tokenizer('opt')
+  tokenizer = _tokenizer(config)
   model = blip2.Blip2Model(model_config, _DTYPES[config.model.dtype])
   fmt = make_input_format(config, model_config, tokenizer)
   c = config.backbone_train

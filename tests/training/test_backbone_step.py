@@ -17,21 +17,20 @@ def test_backbone_step_minimises_shifted_target_ce_and_loss_falls():
   model = blip2.Blip2Model(model_config)
   fmt = pipeline.make_input_format(config, model_config, tok)
   params = pipeline.init_backbone_params(model, fmt, jax.random.key(0))
-  batch = batching.train_batch(pipeline.load_examples(config, 'train', 8, fmt.image_size), tok, fmt, 'vqa')
+  examples = pipeline.load_examples(config, 'train', 8, fmt.image_size)
+  batch = batching.train_batch(examples, tok, fmt, 'vqa')
 
   # The loss is CE of logits[:, t] against input_ids[:, t + 1] on target (answer, EOS) tokens only.
   logits = np.asarray(backbone_step.forward_logits(model, params, batch), np.float64)
   log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
-  ids, total, count = batch['input_ids'], 0.0, 0
-  answer_tokens = set(tok(list(' ' + a for a in pipeline.load_examples(config, 'train', 8, 8)['answer']),
-                          add_special_tokens=False)['input_ids'][i][0] for i in range(8))
-  for b in range(ids.shape[0]):
-    for t in range(ids.shape[1] - 1):
-      if ids[b, t + 1] in answer_tokens | {tok.eos_token_id}:
-        total -= log_probs[b, t, ids[b, t + 1]]
-        count += 1
-  assert count == 16  # one answer word and EOS per example
+  ids, total = batch['input_ids'], 0.0
+  for b, answer in enumerate(examples['answer']):
+    (answer_id,) = tok.convert_tokens_to_ids([answer])
+    j = np.flatnonzero(ids[b] == answer_id)[-1]  # the answer follows the prompt, then EOS
+    assert ids[b, j + 1] == tok.eos_token_id
+    total -= log_probs[b, j - 1, answer_id] + log_probs[b, j, tok.eos_token_id]
+  count = 2 * len(examples['answer'])
 
   tx = optim.make_optimizer(optim.optimizer_config(learning_rate=3e-3, warmup_steps=0), 10)
   step = backbone_step.make_backbone_step(model, tx, parallel.make_mesh(1))
@@ -41,5 +40,5 @@ def test_backbone_step_minimises_shifted_target_ce_and_loss_falls():
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   np.testing.assert_allclose(losses[0], total / count, rtol=1e-4)
-  assert losses[-1] < 0.5 * losses[0], losses
+  assert losses[-1] < 0.85 * losses[0] and all(np.diff(losses) < 0), losses
   assert int(state.step) == 10

@@ -1,0 +1,93 @@
+"""Tests for free_jax.eval.evaluator on an untrained tiny BLIP-2 with untrained exits."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import vqa
+from free_jax import exits as exits_lib
+from free_jax.data import tokenizer as tokenizer_lib
+from free_jax.eval import evaluator
+from free_jax.inference import confidence
+from free_jax.models import blip2
+from free_jax.training import pipeline
+
+KEYS = ('quality_metric', 'quality_full', 'quality_early_exit', 'threshold', 'num_layers', 'mean_exit_layer',
+        'exit_histogram', 'speedup_layers', 'speedup_decode_wallclock', 'speedup_end_to_end_wallclock',
+        'per_exit_quality', 'overthinking_rate')
+
+
+def _config(**eval_overrides):
+  c = vqa.get_config('smoke')
+  c.data.num_test, c.data.num_calibration = 6, 8
+  c.eval.timing_repeats, c.eval.timing_examples, c.eval.max_new_tokens = 1, 3, 3
+  for k, v in eval_overrides.items():
+    c.eval[k] = v
+  return c
+
+
+@functools.cache
+def _run():
+  config = _config()
+  tokenizer = tokenizer_lib.embedded_tokenizer('opt')
+  model_config = pipeline.embedded_model_config(config.model.embedded, tokenizer)
+  model = blip2.Blip2Model(model_config)
+  fmt = pipeline.make_input_format(config, model_config, tokenizer)
+  pixels = np.zeros((1, fmt.image_size, fmt.image_size, 3), np.float32)
+  params = model.init(jax.random.PRNGKey(0), pixels, np.zeros((1, fmt.num_query_tokens + 2), np.int32))['params']
+  exit_params = exits_lib.init_exit_params(model.lm_stack(), params['language_model'], config.exits.layers,
+                                           init='random', rng=jax.random.PRNGKey(1))
+  return pipeline.Backbone(model, params, tokenizer, fmt), exit_params
+
+
+def test_always_exit_summary(tmp_path):
+  backbone, exit_params = _run()
+  config = _config(threshold=0.0)
+  summary = evaluator.early_exit_evaluation(config, str(tmp_path), backbone, exit_params)
+  assert set(KEYS) <= set(summary)
+  with open(tmp_path / 'eval' / 'summary.json') as f:
+    assert json.load(f) == json.loads(json.dumps(summary))
+  for png in ('quality_vs_speedup.png', 'per_layer_quality.png', 'exit_histogram.png'):
+    assert os.path.getsize(tmp_path / 'eval' / png) > 0
+  first, layers = config.exits.layers[0], summary['num_layers']
+  counts = summary['exit_histogram']
+  assert counts[f'exit{first}'] == sum(counts.values()) > 0  # every token left at the first exit
+  assert summary['mean_exit_layer'] == first
+  # Every step ran `first` backbone layers and one exit layer.
+  assert summary['speedup_layers'] == pytest.approx(layers / (first + 1))
+  assert list(summary['per_exit_quality']) == [f'exit{l}' for l in config.exits.layers] + ['final']
+  assert len(summary['per_layer_quality_naive']) == layers
+  assert summary['per_layer_quality_naive'][-1] == summary['per_exit_quality']['final']
+  assert 0 <= summary['overthinking_rate'] <= 1 and 0 <= summary['quality_early_exit'] <= 1
+  assert summary['speedup_decode_wallclock'] > 0 and summary['timing']['decode']['repeats'] == 1
+  assert summary['test_seed'] == config.data.test_seed
+  assert [s['threshold'] for s in summary['sweep']] == [1.0, 0.5, 0.0]
+
+
+def test_calibrated_threshold(tmp_path):
+  backbone, exit_params = _run()
+  config = _config(threshold=-1.0, risk_delta=0.2, risk_epsilon=0.2)
+  summary = evaluator.early_exit_evaluation(config, str(tmp_path), backbone, exit_params)
+  calibration = summary['calibration']
+  assert calibration['method'] == 'ltt' and calibration['n'] == config.data.num_calibration
+  assert summary['threshold'] == calibration['threshold']
+  if calibration['index'] is None:
+    assert summary['threshold'] == confidence.NEVER_EXIT
+    assert summary['quality_early_exit'] == summary['quality_full'] and summary['test_risk'] == 0
+  else:
+    assert calibration['risks'][calibration['index']] <= config.eval.risk_delta
+  assert 0 <= summary['test_risk'] <= 1
+
+
+def test_bad_eval_config(tmp_path):
+  backbone, exit_params = _run()
+  with pytest.raises(ValueError, match="eval.confidence='margin'"):
+    evaluator.early_exit_evaluation(_config(confidence='margin'), str(tmp_path), backbone, exit_params)
+  with pytest.raises(ValueError, match='exit_params hold 2 exits'):
+    config = _config()
+    config.exits.layers = (1, 2, 3)
+    evaluator.early_exit_evaluation(config, str(tmp_path), backbone, exit_params)

@@ -1,0 +1,48 @@
+"""End-to-end tests of experiments/benchmark.py and evaluate.py as command-line programs."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = 'experiments/configs/vqa.py:smoke'
+
+
+def _run(script, *args):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, f'experiments/{script}', f'--config={CONFIG}', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_benchmark_random_model(tmp_path):
+  result = _run('benchmark.py', f'--workdir={tmp_path}', '--batch_sizes=1,2', '--config.eval.timing_repeats=1',
+                '--config.eval.max_new_tokens=3')
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / 'bench' / 'summary.json') as f:
+    summary = json.load(f)
+  assert summary['model'] == 'random embedded-shape LM'
+  assert [r['batch_size'] for r in summary['results']] == [1, 2]
+  first = summary['exit_layers'][0]
+  for r in summary['results']:
+    assert r['full']['tokens_per_s'] > 0 and r['full']['compile_s'] > 0
+    always, never = r['early_exit']['0.0'], r['early_exit']['2.0']
+    assert always['mean_exit_index'] == 0 and never['mean_exit_index'] == len(summary['exit_layers'])
+    assert always['speedup_layers'] == pytest.approx(summary['num_layers'] / (first + 1))
+    assert never['speedup_layers'] < 1  # full depth plus every exit layer
+  assert summary['peak_memory']['host_peak_rss_bytes'] > 0
+
+
+def test_bad_batch_sizes(tmp_path):
+  result = _run('benchmark.py', f'--workdir={tmp_path}', '--batch_sizes=0')
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == "error: --batch_sizes=['0'] must be positive integers"
+
+
+def test_evaluate_needs_a_trained_run(tmp_path):
+  result = _run('evaluate.py', f'--workdir={tmp_path}', '--config.data.test_seed=7')
+  assert result.returncode != 0
+  assert 'no finished backbone' in result.stderr.strip().splitlines()[-1]
