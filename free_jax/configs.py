@@ -17,19 +17,19 @@ def embedded_backbone() -> ml_collections.ConfigDict:
   """A BLIP-2-shaped tiny backbone (ViT -> Q-Former -> OPT) that free_jax trains itself on CPU."""
   c = ml_collections.ConfigDict()
   c.image_size = 64            # input resolution of the vision encoder (pixels, square)
-  c.patch_size = 8             # ViT patch size -> (64/8)^2 = 64 patches
-  c.vision_hidden = 128        # ViT width
-  c.vision_layers = 3          # ViT depth
+  c.patch_size = 16            # ViT patch size -> (64/16)^2 = 16 patches, one per cell of the scene lattice
+  c.vision_hidden = 96         # ViT width
+  c.vision_layers = 2          # ViT depth
   c.vision_heads = 4           # ViT attention heads
-  c.qformer_hidden = 128       # Q-Former width
+  c.qformer_hidden = 96        # Q-Former width
   c.qformer_layers = 2         # Q-Former depth (cross-attention in every layer)
   c.qformer_heads = 4          # Q-Former attention heads
-  c.num_query_tokens = 16      # learned queries = image tokens seen by the LM
+  c.num_query_tokens = 8       # learned queries = image tokens seen by the LM
   c.lm_hidden = 128            # OPT width
   c.lm_layers = 8              # OPT depth: deep enough for exits to matter
   c.lm_heads = 4               # OPT attention heads
-  c.lm_ffn = 512               # OPT feed-forward width
-  c.max_positions = 128        # OPT learned positions (prompt + image tokens + answer)
+  c.lm_ffn = 256               # OPT feed-forward width
+  c.max_positions = 64         # OPT learned positions (image tokens + prompt + answer)
   return c
 
 
@@ -45,12 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedded = embedded_backbone()
 
   c.backbone_train = ml_collections.ConfigDict()  # stage 1 (embedded only): end-to-end CE training
-  c.backbone_train.steps = 3000         # optimizer steps; skipped when a cached backbone exists
-  c.backbone_train.batch_size = 64      # global batch size
-  c.backbone_train.learning_rate = 1e-3  # AdamW peak learning rate (warmup + cosine decay)
-  c.backbone_train.warmup_steps = 200   # linear warmup steps
+  c.backbone_train.steps = 2000         # optimizer steps; skipped when a cached backbone exists
+  c.backbone_train.batch_size = 32      # global batch size
+  c.backbone_train.learning_rate = 1.5e-3  # AdamW peak learning rate (warmup + cosine decay)
+  c.backbone_train.warmup_steps = 100   # linear warmup steps
   c.backbone_train.weight_decay = 0.01  # AdamW weight decay
-  c.backbone_train.num_examples = 40000  # generated training examples (cycled over epochs)
+  c.backbone_train.num_examples = 32000  # generated training examples (cycled over epochs)
   c.backbone_train.grad_clip = 1.0      # global-norm gradient clipping (0 = off)
   c.backbone_train.checkpoint_every = 500  # steps between orbax checkpoints of the backbone stage
 
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ''               # tfds data_dir / VQAv2 root for real sources (never downloaded)
   c.data.seed = 0                    # seed of the training split (generator stream / shuffling)
   c.data.test_seed = 1               # seed of the test split (a fresh test set per value)
-  c.data.num_train = 20000           # training examples for the exit stage
+  c.data.num_train = 16000           # training examples for the exit stage
   c.data.num_calibration = 500       # calibration examples for the exit threshold
   c.data.num_test = 1000             # test examples for evaluation
   c.data.label_fraction = 0.1        # share of training examples whose labels the exit stage may use
@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.exits.separate_head = False      # False: frozen backbone norm + LM head (paper); True: trainable head
 
   c.discriminator = ml_collections.ConfigDict()
-  c.discriminator.hidden = 256       # MLP width of each per-exit discriminator
+  c.discriminator.hidden = 128       # MLP width of each per-exit discriminator
   c.discriminator.depth = 2          # hidden layers of the discriminator MLP
 
   c.free = ml_collections.ConfigDict()
@@ -85,14 +85,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.free.label_smoothing = 0.0       # one-sided smoothing of the discriminator's real label (0 = off)
 
   c.train = ml_collections.ConfigDict()  # stage 2: exits and discriminators (backbone frozen)
-  c.train.steps = 1500               # steps of the alternating D/G updates
-  c.train.batch_size = 64            # global batch size (divisible by the device count)
+  c.train.steps = 800                # steps of the alternating D/G updates
+  c.train.batch_size = 32            # global batch size (divisible by the device count)
   c.train.g_learning_rate = 3e-4     # exit (generator) AdamW peak learning rate
   c.train.d_learning_rate = 1e-4     # discriminator AdamW peak learning rate
   c.train.warmup_steps = 100         # linear warmup of both schedules
   c.train.grad_clip = 1.0            # global-norm gradient clipping
   c.train.log_every = 25             # steps between metrics.jsonl / TensorBoard records
-  c.train.checkpoint_every = 250     # steps between orbax checkpoints
+  c.train.checkpoint_every = 200     # steps between orbax checkpoints
   c.train.keep_checkpoints = 3       # orbax max_to_keep
 
   c.eval = ml_collections.ConfigDict()

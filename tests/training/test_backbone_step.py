@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import optax
 
 from experiments.configs import vqa
 from free_jax.data import batching, tokenizer as tokenizer_lib

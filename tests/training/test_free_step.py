@@ -1,7 +1,6 @@
 """The FREE step on a tiny random BLIP-2: what it updates, what it must never touch, and its gradients."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

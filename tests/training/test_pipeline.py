@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import vqa
-from free_jax.training import checkpoint, logging as metrics_logging, parallel, pipeline
+from free_jax.training import checkpoint, free_step, logging as metrics_logging, parallel, pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -105,7 +105,6 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(finished, tmp_path
         batch['image'][:] = np.nan  # a broken input at step 3
       yield batch
 
-  from free_jax.training import free_step  # pylint: disable=g-import-not-at-top
   disc = free_step.make_discriminators(2, config.discriminator)
   step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc,
                                      *pipeline._gan_txs(config), mesh)

@@ -1,0 +1,48 @@
+r"""The reproduction study (free_jax.reproduce): FREE vs baselines over label fractions, one shared backbone.
+
+  python experiments/reproduce.py --workdir=workdir/vqa                      # full grid, <= 60 min on 2 CPUs
+  python experiments/reproduce.py --workdir=/tmp/repro --grid=smoke --out=/tmp/repro/results
+  python experiments/reproduce.py --workdir=workdir/vqa --seeds=0,1,2         # more replicates
+
+The workdir's backbone (``WORKDIR/backbone``, the one experiments/train.py trains) is reused, or trained
+first. Rows go to ``WORKDIR/reproduce/``; a re-run reuses every finished row. Results: OUT/reproduction.json,
+OUT/reproduction.md and PNGs. docs/reproduction.md describes the grid.
+"""
+
+import dataclasses
+import os
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from free_jax import reproduce
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/vqa.py', 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Study directory (its backbone/ is shared with train.py).')
+_GRID = flags.DEFINE_enum('grid', 'full', list(reproduce.GRIDS), 'Which study grid to run.')
+_OUT = flags.DEFINE_string('out', 'results', 'Where reproduction.json, reproduction.md and the PNGs go.')
+_SEEDS = flags.DEFINE_list('seeds', None, "Replicate seeds, overriding the grid's (e.g. 0,1,2).")
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  grid = reproduce.get_grid(_GRID.value)
+  if _SEEDS.value:
+    grid = dataclasses.replace(grid, seeds=tuple(int(s) for s in _SEEDS.value))
+  # Rows of the same mode compile the same programs: a persistent cache compiles each once.
+  jax.config.update('jax_compilation_cache_dir', os.path.join(_WORKDIR.value, 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  try:
+    reproduce.validate(_CONFIG.value, grid)
+  except ValueError as e:  # a bad config or grid is one line, not a traceback
+    sys.exit(f'error: {e}')
+  reproduce.run_study(_CONFIG.value, _WORKDIR.value, grid, out_dir=_OUT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,149 @@
+"""The reproduction study: the smoke grid end to end through the CLI, deduplication, resume, aggregation, claims."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments.configs import vqa
+from free_jax import reproduce
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROW_KEYS = {'method', 'label_fraction', 'quality', 'speedup_decode_wallclock', 'speedup_layers', 'per_exit_quality',
+            'overthinking_rate', 'mid_crisis_dip', 'seeds', 'labels_used', 'sweep', 'quality_std'}
+
+
+def _cli(workdir, out):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  start = time.time()
+  result = subprocess.run([sys.executable, 'experiments/reproduce.py', '--grid=smoke', f'--workdir={workdir}',
+                           f'--out={out}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return time.time() - start
+
+
+def _checkpoint_files(workdir):
+  return {str(p.relative_to(workdir)): p.stat().st_mtime_ns
+          for p in (pathlib.Path(workdir) / reproduce.STUDY_DIR).rglob('*') if p.is_file() and 'checkpoints' in p.parts}
+
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('study')
+  seconds = _cli(workdir, workdir / 'results')
+  print(f'\nsmoke study (backbone + 5 exit trainings + 7 evaluations): {seconds:.1f} s')
+  return workdir
+
+
+def test_smoke_study_writes_rows_tables_and_plots(study):
+  grid = reproduce.GRIDS['smoke']
+  out = study / 'results'
+  rows = json.loads((out / reproduce.JSON_FILE).read_text())
+  assert [(r['method'], r['label_fraction']) for r in rows] == [
+      (m, f) for m in grid.methods for f in grid.label_fractions]
+  for r in rows:
+    assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+    assert 0 <= r['quality'] <= 1 and 0 <= r['overthinking_rate'] <= 1 and r['mid_crisis_dip'] >= 0
+    assert r['speedup_decode_wallclock'] > 0 and r['speedup_layers'] > 0
+    assert list(r['per_exit_quality']) == ['exit1', 'exit2', 'final']
+    assert r['per_exit_quality']['final'] == pytest.approx(rows[0]['per_exit_quality']['final'])  # one backbone
+    assert r['quality_full'] == rows[0]['quality_full']
+  md = (out / reproduce.MARKDOWN_FILE).read_text()
+  for m in grid.methods:
+    assert f'| {m}' in md
+  assert '## 50% labels' in md and '## 100% labels' in md and "## The paper's claims" in md
+  for name in ('per_layer_quality_labels50.png', 'quality_vs_speedup_labels50.png',
+               'per_layer_quality_labels100.png', 'quality_vs_speedup_labels100.png'):
+    assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_identical_runs_are_shared(study):
+  rows = json.loads((study / 'results' / reproduce.JSON_FILE).read_text())
+  by = {(r['method'], r['label_fraction']): r for r in rows}
+  # Label-free: one run reported for every fraction, marked.
+  unsup = [by['free_unsup_kd', f] for f in (0.5, 1.0)]
+  assert unsup[0]['runs'] == unsup[1]['runs'] and not unsup[0]['labels_used']
+  assert unsup[0]['quality'] == unsup[1]['quality']
+  # PABEE decides with patience over the exits ce_only trained (same training dir, own evaluation).
+  for f in (0.5, 1.0):
+    pabee, ce = by['pabee', f]['runs'][0], by['ce_only', f]['runs'][0]
+    assert os.path.dirname(pabee) == os.path.dirname(ce) and pabee != ce
+    assert by['pabee', f]['per_exit_quality'] == by['ce_only', f]['per_exit_quality']
+  assert by['free', 0.5]['runs'] != by['free', 1.0]['runs']
+  trained = sorted(p.name for p in (study / reproduce.STUDY_DIR).iterdir())
+  assert trained == ['ce_only-labels100-seed0', 'ce_only-labels50-seed0', 'semi_supervised-labels100-seed0',
+                     'semi_supervised-labels50-seed0', 'unsupervised_kd-labels0-seed0']
+
+
+def test_rerun_reuses_every_finished_run(study, tmp_path):
+  before = _checkpoint_files(study)
+  _cli(study, tmp_path)
+  assert _checkpoint_files(study) == before  # nothing retrained
+  assert (json.loads((tmp_path / reproduce.JSON_FILE).read_text())
+          == json.loads((study / 'results' / reproduce.JSON_FILE).read_text()))
+
+
+def _record(quality, exits, speedups=(1.0, 2.0), seed_run='r'):
+  """A run record as `run_record` makes it, from a hand-built evaluation summary."""
+  summary = {'quality_early_exit': quality, 'quality_full': 0.9, 'speedup_decode_wallclock': 1.8,
+             'speedup_layers': 2.0, 'speedup_end_to_end_wallclock': 1.5, 'threshold': 0.9, 'mean_exit_layer': 4.0,
+             'overthinking_rate': 0.1, 'test_risk': 0.01, 'exit_layers': [2, 4, 6], 'num_layers': 8,
+             'quality_metric': 'exact_match', 'per_exit_quality': dict(zip(['exit2', 'exit4', 'exit6', 'final'], exits)),
+             'per_layer_quality_naive': [0.1, 0.6, 0.5, 0.3, 0.4, 0.7, 0.8, 0.9],
+             'sweep': [{'threshold': 1.0, 'quality': 0.9, 'speedup_decode_wallclock': speedups[0]},
+                       {'threshold': 0.5, 'quality': 0.85, 'speedup_decode_wallclock': speedups[1]}]}
+  record = reproduce.run_record(summary, comparable_drop=0.01)
+  record.update(train_s=1.0, eval_s=2.0, run=seed_run)
+  return record
+
+
+def test_run_record_and_aggregate():
+  a = _record(0.8, (0.5, 0.3, 0.7, 0.9), speedups=(1.0, 3.0), seed_run='a')
+  b = _record(0.6, (0.7, 0.5, 0.9, 0.9), speedups=(1.2, 2.0), seed_run='b')
+  assert a['mid_crisis_dip'] == pytest.approx(0.2)  # 0.5 -> 0.3 -> 0.7: recovered dip of 0.2
+  assert a['naive_mid_crisis_dip'] == pytest.approx(0.3)  # the naive curve read at layers 2, 4, 6, 8
+  assert a['naive_quality_at_exits'] == {'exit2': 0.6, 'exit4': 0.3, 'exit6': 0.7, 'final': 0.9}
+  assert a['speedup_at_comparable_quality'] == 1.0  # 3x loses 5 points: not comparable
+  assert a['mean_exit_quality'] == pytest.approx(0.5)
+  row = reproduce.aggregate([a, b])
+  assert row['quality'] == pytest.approx(0.7) and row['quality_std'] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+  assert row['per_exit_quality']['exit4'] == pytest.approx(0.4)
+  assert row['sweep'][1]['speedup_decode_wallclock'] == pytest.approx(2.5)
+  assert row['runs'] == ['a', 'b'] and reproduce.aggregate([a])['quality_std'] == 0.0
+
+
+def test_claims_verdicts_follow_the_numbers():
+  grid_rows = []
+  for method, exits, spread in (('free', (0.8, 0.8, 0.8, 0.9), 0.01), ('ce_only', (0.5, 0.5, 0.5, 0.9), 0.01)):
+    row = reproduce.aggregate([_record(0.85, exits)])
+    row.update(method=method, label_fraction=0.1, seeds=[0, 1], mean_exit_quality_std=spread)
+    grid_rows.append(row)
+  lines = reproduce.claims(grid_rows, comparable_drop=0.01)
+  assert '**holds**' in lines[0] and '+0.300' in lines[0]
+  assert 'inconclusive' in lines[1]  # equal overthinking
+  assert '**does not hold**' in lines[3]  # best comparable speedup 1.0x < 1.51x
+  grid_rows[0]['mean_exit_quality_std'] = 0.5  # the difference is now within the seed spread
+  assert 'inconclusive' in reproduce.claims(grid_rows, 0.01)[0]
+
+
+def test_bad_grids_fail_clearly():
+  config = vqa.get_config('smoke')
+  smoke = reproduce.GRIDS['smoke']
+  with pytest.raises(ValueError, match="grid='huge'"):
+    reproduce.validate(config, 'huge')
+  with pytest.raises(ValueError, match=r"unknown methods \['bert'\]"):
+    reproduce.validate(config, reproduce.Grid(methods=('free', 'bert'), label_fractions=(0.1,), seeds=(0,)))
+  with pytest.raises(ValueError, match='label_fractions'):
+    reproduce.validate(config, reproduce.Grid(methods=('free',), label_fractions=(0.0,), seeds=(0,)))
+  with pytest.raises(ValueError, match="'train.stepz' names no config field"):
+    reproduce.study_config(config, reproduce.Grid(methods=('free',), label_fractions=(0.1,), seeds=(0,),
+                                                  overrides={'train.stepz': 3}))
+  # 1% of the smoke config's 128 training examples labels nobody: named before anything runs.
+  with pytest.raises(ValueError, match='data.label_fraction=0.001'):
+    reproduce.validate(config, reproduce.Grid(methods=('ce_only',), label_fractions=(0.001,), seeds=(0,),
+                                              smoke=smoke.smoke))
