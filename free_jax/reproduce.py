@@ -99,9 +99,9 @@ class Grid:
 GRIDS = {
     # 12 exit trainings + 15 evaluations per seed on the default 8-layer backbone (docs/reproduction.md).
     'full': Grid(methods=tuple(METHODS), label_fractions=(0.01, 0.1, 1.0), seeds=(0,),
-                 overrides={'train.steps': 400, 'train.warmup_steps': 40, 'train.log_every': 50,
-                            'train.checkpoint_every': 200, 'data.num_calibration': 400, 'data.num_test': 500,
-                            'eval.risk_delta': 0.05, 'eval.num_sweep_thresholds': 6, 'eval.timing_examples': 64,
+                 overrides={'train.steps': 300, 'train.warmup_steps': 30, 'train.log_every': 50,
+                            'train.checkpoint_every': 150, 'data.num_calibration': 300, 'data.num_test': 400,
+                            'eval.risk_delta': 0.05, 'eval.num_sweep_thresholds': 5, 'eval.timing_examples': 48,
                             'eval.timing_repeats': 3}),
     'smoke': Grid(methods=('free', 'ce_only', 'pabee', 'free_unsup_kd'), label_fractions=(0.5, 1.0), seeds=(0,),
                   overrides={'data.num_calibration': 12, 'data.num_test': 12, 'eval.risk_delta': 0.2,
