@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 25             # steps between metrics.jsonl / TensorBoard records
   c.train.checkpoint_every = 200     # steps between orbax checkpoints
   c.train.keep_checkpoints = 3       # orbax max_to_keep
+  c.train.backbone_sharding = 'replicated'  # frozen backbone placement: 'replicated' or 'fsdp' (training/sharding.py)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.confidence = 'max_prob'     # one of CONFIDENCE_MEASURES

@@ -38,7 +38,8 @@ from free_jax.models import blip2
 from free_jax.models.opt import OPTConfig
 from free_jax.models.qformer import QFormerConfig
 from free_jax.models.vit import VisionConfig
-from free_jax.training import backbone_step, checkpoint, free_step, optim, parallel, state as state_lib
+from free_jax.training import backbone_step, checkpoint, distributed, free_step, optim, parallel, sharding
+from free_jax.training import state as state_lib
 from free_jax.training import logging as metrics_logging
 
 PyTree = Any
@@ -119,6 +120,8 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
          "'sort_of_clevr' data so far")
   if config.model.source == 'pretrained':
     _check(bool(config.model.pretrained_path), "model.source='pretrained' needs model.pretrained_path")
+  _check(config.train.backbone_sharding in sharding.MODES,
+         f'train.backbone_sharding={config.train.backbone_sharding!r}; expected one of {sharding.MODES}')
   _check(config.free.mode in configs.FREE_MODES,
          f'free.mode={config.free.mode!r}; expected one of {configs.FREE_MODES}')
   _check(config.exits.init in exits_lib.EXIT_INITS,
@@ -276,6 +279,15 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
 # The shared training loop.
 
 
+def _global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """The step's input from the global batch that every host builds identically: on several hosts each
+  contributes only its own rows (`batching.process_split`) to one globally sharded array."""
+  if jax.process_count() == 1:
+    return parallel.shard_batch(batch, mesh)
+  local = batching.process_split(batch, jax.process_index(), jax.process_count())
+  return distributed.make_global_batch(local, mesh)
+
+
 def _train_loop(state, step_fn: Callable, ckpt: checkpoint.Checkpointer, run_dir: str, mesh, *, total_steps: int,
                 batches: Callable[[int], Iterator[dict]], log_every: int, checkpoint_every: int,
                 progress_keys: Sequence[str], desc: str):
@@ -295,7 +307,7 @@ def _train_loop(state, step_fn: Callable, ckpt: checkpoint.Checkpointer, run_dir
   try:
     data = batches(start)
     for step in range(start + 1, total_steps + 1):
-      state, metrics = step_fn(state, parallel.shard_batch(next(data), mesh))
+      state, metrics = step_fn(state, _global_batch(next(data), mesh))
       metrics = jax.device_get(metrics)
       checkpoint.check_finite(metrics, step)
       if step % log_every == 0 or step == total_steps:
@@ -350,7 +362,7 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
     examples = load_examples(config, 'train', config.data.num_train, backbone.fmt.image_size)
     examples['labelled'] = batching.label_subset(config.data.num_train, config.data.label_fraction,
                                                  config.data.seed)
-    params = parallel.replicate(backbone.params, mesh)
+    params = sharding.place_backbone(backbone.params, mesh, config.train.backbone_sharding)
     adversarial = free_step.MODES[config.free.mode][0]
     return _train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
                        total_steps=config.train.steps,
