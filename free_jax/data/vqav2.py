@@ -141,6 +141,7 @@ def _read_image(path: str, image_size: Optional[int]) -> Optional[np.ndarray]:
 def load_vqav2(files: VQAv2Files, *,
                image_size: Optional[int] = 224,
                max_examples: Optional[int] = None,
+               offset: int = 0,
                shuffle_seed: Optional[int] = None,
                batch_size: Optional[int] = None,
                drop_remainder: bool = False) -> Iterator[Example]:
@@ -150,6 +151,8 @@ def load_vqav2(files: VQAv2Files, *,
     files: where the split lives, e.g. `VQAv2Files.standard(root, "val")`.
     image_size: resize images to S x S; None keeps the original size.
     max_examples: keep the first N questions (file order) before shuffling.
+    offset: skip the first `offset` questions (file order) before that, e.g.
+      to take a calibration subset disjoint from a test subset of one split.
     shuffle_seed: None keeps file order; an int permutes deterministically.
     batch_size: None yields examples; an int yields batches
       (`tfds_pipelines.batch_examples`).
@@ -159,7 +162,7 @@ def load_vqav2(files: VQAv2Files, *,
     iterator of schema examples or batches. Files are checked here, eagerly;
     images are read lazily, unreadable ones skipped (counted in one warning).
   """
-  records = read_records(files)[:max_examples]
+  records = read_records(files)[offset:][:max_examples]
   if shuffle_seed is not None:
     order = np.random.default_rng(shuffle_seed).permutation(len(records))
     records = [records[i] for i in order]

@@ -6,8 +6,8 @@
 1. Decode the test split (``data.test_seed``) with the full-depth decoder (an `EarlyExitDecoder`
    without exits: the same program structure, so timings compare like with like) and with early
    exits; score both with the task metric (VQA: exact match / VQA accuracy; captions: CIDEr).
-2. Threshold: ``eval.threshold`` if >= 0, else calibrated on a calibration split (the generator's
-   'val' split) so the early-exit output disagrees with the reference (``eval.calibration_reference``:
+2. Threshold: ``eval.threshold`` if >= 0, else calibrated on the 'calibration' split (`free_jax.data.sources`)
+   so the early-exit output disagrees with the reference (``eval.calibration_reference``:
    the full model, or the ground truth for VQA) at most ``risk_delta`` with probability
    >= 1 - ``risk_epsilon`` (`inference.calibrate`); the test split's achieved risk is reported.
 3. Wall clock: full vs early exit on the same inputs, interleaved in one process, one warm-up pass,
@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from free_jax import exits as exits_lib
-from free_jax.data import batching, sort_of_clevr
+from free_jax.data import batching
 from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.eval import analysis, metrics
 from free_jax.inference import calibrate as calibrate_lib
@@ -258,8 +258,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
   if e.threshold >= 0:
     value = float(e.threshold)
   else:
-    cal = sort_of_clevr.make_split('val', config.data.num_calibration, config.data.seed, task=ev.task,
-                                   image_size=image_size)
+    cal = pipeline.load_examples(config, 'calibration', config.data.num_calibration, image_size)
     cal_batches = ev.batches(cal)
     cal_prompts = [ev.prompts(b) for b in cal_batches]
     reference, _, _, _ = ev.decode(ev.full, cal_batches, cal_prompts)

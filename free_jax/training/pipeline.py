@@ -32,7 +32,7 @@ from absl import logging
 
 from free_jax import configs
 from free_jax import exits as exits_lib
-from free_jax.data import batching, sort_of_clevr
+from free_jax.data import batching, preprocess, sort_of_clevr, sources
 from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.models import blip2
 from free_jax.models.opt import OPTConfig
@@ -47,7 +47,7 @@ EVAL_FILE = 'train_eval.json'
 BACKBONE_DIR = 'backbone'
 CHECKPOINT_DIR = 'checkpoints'
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_PROBE_EXAMPLES = 2048  # generated examples that fix the prompt/target lengths of the embedded data
+_PROBE_EXAMPLES = 2048  # examples that fix the prompt/target lengths (generated, or the first real ones)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +115,19 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
          f"model.source={config.model.source!r}; expected 'embedded' or 'pretrained'")
   _check(config.model.dtype in _DTYPES, f'model.dtype={config.model.dtype!r}; expected one of {tuple(_DTYPES)}')
   _check(config.data.task in configs.TASKS, f'data.task={config.data.task!r}; expected one of {configs.TASKS}')
-  _check(config.data.source == 'sort_of_clevr',
-         f'data.source={config.data.source!r}: this training pipeline reads only the embedded '
-         "'sort_of_clevr' data so far")
+  _check(config.data.source in configs.DATA_SOURCES,
+         f'data.source={config.data.source!r}; expected one of {configs.DATA_SOURCES}')
+  _check(config.data.task in sources.SOURCE_TASKS[config.data.source],
+         f'data.task={config.data.task!r} is not available from data.source={config.data.source!r} '
+         f'(it has {sources.SOURCE_TASKS[config.data.source]})')
+  if config.data.source in sources.REAL_SOURCES:
+    _check(bool(config.data.data_dir), f'data.source={config.data.source!r} needs data.data_dir (nothing is '
+           'downloaded)')
+    _check(os.path.isdir(config.data.data_dir), f'data.data_dir={config.data.data_dir!r} is not a directory')
   if config.model.source == 'pretrained':
     _check(bool(config.model.pretrained_path), "model.source='pretrained' needs model.pretrained_path")
+    _check(os.path.isdir(config.model.pretrained_path),
+           f'model.pretrained_path={config.model.pretrained_path!r} is not a directory')
   _check(config.train.backbone_sharding in sharding.MODES,
          f'train.backbone_sharding={config.train.backbone_sharding!r}; expected one of {sharding.MODES}')
   _check(config.free.mode in configs.FREE_MODES,
@@ -161,28 +169,58 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
 
 
 def load_examples(config: ml_collections.ConfigDict, split: str, num_examples: int, image_size: int) -> dict:
-  """`num_examples` examples of `split` ('train' uses data.seed, 'test' data.test_seed)."""
-  seed = config.data.test_seed if split == 'test' else config.data.seed
-  return sort_of_clevr.make_split(split, num_examples, seed, task=config.data.task, image_size=image_size)
+  """`num_examples` examples of `split` ('train', 'calibration' or 'test') of data.source: `sources.load_examples`."""
+  return sources.load_examples(config, split, num_examples, image_size)
+
+
+_REAL_LENGTHS = {}  # probe key -> (prompt_length, target_length): every stage re-validates the config
+
+
+def _real_text_lengths(config: ml_collections.ConfigDict, tokenizer, family: str,
+                       image_size: int) -> tuple[int, int]:
+  """`required_lengths` over the first training examples of a real source."""
+  key = (json.dumps(config.data.to_dict(), sort_keys=True), tokenizer.name_or_path, len(tokenizer), family)
+  if key not in _REAL_LENGTHS:
+    probe = load_examples(config, 'train', min(config.data.num_train, _PROBE_EXAMPLES), image_size)
+    _REAL_LENGTHS[key] = batching.required_lengths(tokenizer, family, config.data.task, probe)
+  return _REAL_LENGTHS[key]
 
 
 def make_input_format(config: ml_collections.ConfigDict, model_config: blip2.Blip2Config,
                       tokenizer) -> batching.InputFormat:
-  """Fixed prompt/target lengths that fit the embedded texts (from a fixed probe), within data.max_text_length."""
+  """Prompt/target lengths fitted to a probe of the data, within data.max_text_length; ids from the model config.
+
+  The embedded data is probed with a fixed generated sample and must fit. A real source is probed with
+  its first training examples: prompts must fit, targets (long captions) are cut to what is left.
+  A pretrained checkpoint's ``preprocessor_config.json``, if present, sets the image normalisation.
+  """
   family = 't5' if model_config.is_encoder_decoder else 'opt'
   image_size = model_config.vision.image_size
-  probe = sort_of_clevr.make_split('val', _PROBE_EXAMPLES, 0, task=config.data.task, image_size=image_size)
-  prompt_length, target_length = batching.required_lengths(tokenizer, family, config.data.task, probe)
-  _check(prompt_length + target_length <= config.data.max_text_length,
-         f'data.max_text_length={config.data.max_text_length} is too short: prompts need {prompt_length} '
-         f'tokens and targets {target_length}')
+  max_length = config.data.max_text_length
+  if config.data.source in sources.REAL_SOURCES:
+    prompt_length, target_length = _real_text_lengths(config, tokenizer, family, image_size)
+    target_length = max(2, min(target_length, max_length - prompt_length))
+  else:
+    probe = sort_of_clevr.make_split('val', _PROBE_EXAMPLES, 0, task=config.data.task, image_size=image_size)
+    prompt_length, target_length = batching.required_lengths(tokenizer, family, config.data.task, probe)
+  _check(prompt_length + target_length <= max_length,
+         f'data.max_text_length={max_length} is too short: prompts need {prompt_length} tokens and targets '
+         f'{target_length}')
   length = model_config.num_query_tokens + prompt_length + target_length
   if not model_config.is_encoder_decoder:
     _check(length <= model_config.text.max_position_embeddings,
            f'model max_position_embeddings={model_config.text.max_position_embeddings} is shorter than '
            f'the {length} tokens of image queries + prompt + target')
+  image_kwargs = {}
+  processor_file = os.path.join(config.model.pretrained_path, 'preprocessor_config.json')
+  if config.model.source == 'pretrained' and os.path.isfile(processor_file):
+    image_kwargs = preprocess.load_image_processor_config(processor_file)
+    _check(image_kwargs.pop('image_size') == image_size,
+           f'{processor_file}: its image size differs from the vision config image_size={image_size}')
+  decoder_start = model_config.text.decoder_start_token_id if model_config.is_encoder_decoder else None
   return batching.input_format(tokenizer, family, model_config.num_query_tokens, prompt_length, target_length,
-                               image_size, image_token_id=model_config.image_token_index)
+                               image_size, image_token_id=model_config.image_token_index,
+                               decoder_start_id=decoder_start, **image_kwargs)
 
 
 def train_batches(examples: dict, backbone: Backbone, task: str, batch_size: int, seed: int,

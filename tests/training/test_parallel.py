@@ -5,10 +5,6 @@ subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; the norm
 exercises it without any special invocation.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +13,8 @@ import optax
 import pytest
 
 from free_jax.training import losses, parallel
+from tests.fake_devices import NUM_FAKE_DEVICES, rerun_with_fake_devices
 
-NUM_FAKE_DEVICES = 8
 BATCH, T, D = 16, 4, 3
 
 
@@ -81,26 +77,8 @@ def test_one_device_mesh_matches_plain_jax():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params_1, params_ref)
 
 
-def _rerun_with_fake_devices(test_name: str) -> bool:
-  """Re-runs `test_name` in a subprocess with 8 fake CPU devices unless this process has them.
-
-  Returns True if it did (the caller then returns: the subprocess did the checks).
-  """
-  if jax.device_count() >= NUM_FAKE_DEVICES:
-    return False
-  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={NUM_FAKE_DEVICES}'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
-  command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', f'{__file__}::{test_name}']
-  repo_root = pathlib.Path(__file__).parents[2]
-  result = subprocess.run(command, env=env, cwd=repo_root, capture_output=True, text=True, timeout=600,
-                          check=False)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  assert '1 passed' in result.stdout, result.stdout[-3000:]
-  return True
-
-
 def test_eight_devices_match_one_device():
-  if _rerun_with_fake_devices('test_eight_devices_match_one_device'):
+  if rerun_with_fake_devices(__file__, 'test_eight_devices_match_one_device'):
     return
   losses_1, params_1 = _train(parallel.make_mesh(1))
   losses_8, params_8 = _train(parallel.make_mesh(NUM_FAKE_DEVICES))
@@ -113,7 +91,7 @@ def test_eight_devices_match_one_device():
 
 
 def test_batch_size_errors_are_clear():
-  if _rerun_with_fake_devices('test_batch_size_errors_are_clear'):
+  if rerun_with_fake_devices(__file__, 'test_batch_size_errors_are_clear'):
     return
   mesh = parallel.make_mesh()
   assert parallel.check_batch_size(32, mesh) == 4

@@ -4,11 +4,6 @@ The 8-device checks re-run themselves in a subprocess with 8 fake CPU devices (J
 count at start-up), like tests/training/test_parallel.py.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,24 +11,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from free_jax.training import parallel, sharding
+from tests.fake_devices import NUM_FAKE_DEVICES, rerun_with_fake_devices
 
-NUM_FAKE_DEVICES = 8
 L, D, F, H, V = 2, 64, 256, 4, 96
 BATCH, T = 16, 8
 MIN_SIZE = 1024  # the test model is tiny: shard everything from 1024 elements up
-
-
-def _rerun_with_fake_devices(test_name: str) -> bool:
-  """Re-runs `test_name` in a subprocess with 8 fake CPU devices unless this process has them."""
-  if jax.device_count() >= NUM_FAKE_DEVICES:
-    return False
-  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={NUM_FAKE_DEVICES}'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
-  command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', f'{__file__}::{test_name}']
-  result = subprocess.run(command, env=env, cwd=pathlib.Path(__file__).parents[2], capture_output=True,
-                          text=True, timeout=600, check=False)
-  assert result.returncode == 0 and '1 passed' in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
-  return True
 
 
 def _params():
@@ -90,7 +72,7 @@ def test_bad_mode_and_mesh_are_clear_errors():
 
 
 def test_fsdp_forward_equals_replicated_at_an_eighth_of_the_memory():
-  if _rerun_with_fake_devices('test_fsdp_forward_equals_replicated_at_an_eighth_of_the_memory'):
+  if rerun_with_fake_devices(__file__, 'test_fsdp_forward_equals_replicated_at_an_eighth_of_the_memory'):
     return
   mesh = parallel.make_mesh()
   params, tokens = _params(), _tokens()
