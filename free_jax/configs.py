@@ -128,3 +128,16 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.discriminator.hidden = 32
   c.eval.timing_repeats, c.eval.num_sweep_thresholds = 2, 3
   return c
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str,
+             smoke_overrides=None) -> ml_collections.ConfigDict:
+  """Applies the config argument ('' or 'smoke', then `smoke_overrides(c)`) and locks the config."""
+  if arg == 'smoke':
+    smoke(c)
+    if smoke_overrides is not None:
+      smoke_overrides(c)
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'smoke'")
+  c.lock()
+  return c

@@ -24,9 +24,4 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   c.train.steps, c.train.batch_size = 5_000, 32
   c.eval.max_new_tokens = 10
   c.eval.batch_size = 1
-  if arg == 'smoke':
-    configs.smoke(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'smoke'")
-  c.lock()
-  return c
+  return configs.finalize(c, arg)

@@ -14,9 +14,4 @@ from free_jax import configs
 def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   c = configs.base_config()
   c.data.task = 'vqa'
-  if arg == 'smoke':
-    configs.smoke(c)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'smoke'")
-  c.lock()
-  return c
+  return configs.finalize(c, arg)
