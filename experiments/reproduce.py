@@ -14,7 +14,7 @@ import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from free_jax import reproduce
@@ -31,11 +31,13 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   grid = reproduce.get_grid(_GRID.value)
   if _SEEDS.value:
     grid = dataclasses.replace(grid, seeds=tuple(int(s) for s in _SEEDS.value))
   # Rows of the same mode compile the same programs: a persistent cache compiles each once.
-  jax.config.update('jax_compilation_cache_dir', os.path.join(_WORKDIR.value, 'jax_cache'))
+  jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(_WORKDIR.value, 'jax_cache')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   try:
     reproduce.validate(_CONFIG.value, grid)

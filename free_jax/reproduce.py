@@ -44,14 +44,15 @@ MARKDOWN_FILE = 'reproduction.md'
 RECORD_FILE = 'record.json'  # a run's figures and timings, next to its eval/
 PAPER_SPEEDUP = 1.51  # the paper's headline speedup
 # Scalars of an evaluation summary (or derived from it) that rows aggregate over seeds.
-_SCALARS = ('quality', 'quality_full', 'speedup_decode_wallclock', 'speedup_layers', 'speedup_end_to_end_wallclock',
-            'speedup_at_comparable_quality', 'threshold', 'mean_exit_layer', 'overthinking_rate', 'mid_crisis_dip',
-            'naive_mid_crisis_dip', 'mean_exit_quality', 'test_risk', 'train_s', 'eval_s')
+_SCALARS = ('quality', 'quality_full', 'speedup_decode_wallclock', 'speedup_layers',
+            'speedup_end_to_end_wallclock', 'speedup_at_comparable_quality', 'threshold', 'mean_exit_layer',
+            'overthinking_rate', 'mid_crisis_dip', 'naive_mid_crisis_dip', 'mean_exit_quality', 'test_risk',
+            'train_s', 'eval_s')
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """How a method's exits are trained (``free.mode``) and how a token decides to leave (``eval.confidence``)."""
+  """How a method's exits are trained (``free.mode``) and how tokens decide to leave (``eval.confidence``)."""
 
   mode: str
   confidence: str = 'max_prob'
@@ -70,7 +71,7 @@ METHODS = {
     'pabee': Method('ce_only', 'patience', 'PABEE: patience over the ce_only exits (no retraining)'),
     'free_unsup_kd': Method('unsupervised_kd', description='FREE unsupervised: adversarial + KD'),
     'free_unsup_pseudo': Method('unsupervised_pseudo',
-                                description="FREE unsupervised: adversarial + CE on the backbone's own outputs"),
+                                description="FREE unsupervised: adversarial + CE on the backbone's answers"),
 }
 
 
@@ -101,9 +102,10 @@ GRIDS = {
     'full': Grid(methods=tuple(METHODS), label_fractions=(0.01, 0.1, 1.0), seeds=(0,),
                  overrides={'train.steps': 300, 'train.warmup_steps': 30, 'train.log_every': 50,
                             'train.checkpoint_every': 150, 'data.num_calibration': 300, 'data.num_test': 400,
-                            'eval.risk_delta': 0.05, 'eval.num_sweep_thresholds': 5, 'eval.timing_examples': 48,
-                            'eval.timing_repeats': 3}),
-    'smoke': Grid(methods=('free', 'ce_only', 'pabee', 'free_unsup_kd'), label_fractions=(0.5, 1.0), seeds=(0,),
+                            'eval.risk_delta': 0.05, 'eval.num_sweep_thresholds': 5,
+                            'eval.timing_examples': 48, 'eval.timing_repeats': 3}),
+    'smoke': Grid(methods=('free', 'ce_only', 'pabee', 'free_unsup_kd'), label_fractions=(0.5, 1.0),
+                  seeds=(0,),
                   overrides={'data.num_calibration': 12, 'data.num_test': 12, 'eval.risk_delta': 0.2,
                              'eval.risk_epsilon': 0.2, 'eval.timing_examples': 4, 'eval.timing_repeats': 1,
                              'eval.max_new_tokens': 3},
@@ -168,7 +170,7 @@ def row_config(base: ml_collections.ConfigDict, method: str, label_fraction: flo
   c = copy.deepcopy(base)
   c.free.mode = m.mode
   c.eval.confidence = m.confidence
-  c.data.label_fraction = label_fraction if m.uses_labels else 0.0  # label-free: the same run for every fraction
+  c.data.label_fraction = label_fraction if m.uses_labels else 0.0  # label-free: one run for every fraction
   c.seed = base.seed + seed
   c.data.seed = base.data.seed + seed
   return c
@@ -180,11 +182,11 @@ def _fraction_name(fraction: float) -> str:
 
 def run_dirs(workdir: str, config: ml_collections.ConfigDict) -> tuple[str, str]:
   """(training dir, evaluation dir) of a row config; equal configs share them, which is the deduplication."""
-  train_dir = os.path.join(workdir, STUDY_DIR, f'{config.free.mode}-labels{_fraction_name(config.data.label_fraction)}'
-                                               f'-seed{config.seed}')
+  name = f'{config.free.mode}-labels{_fraction_name(config.data.label_fraction)}-seed{config.seed}'
+  train_dir = os.path.join(workdir, STUDY_DIR, name)
   eval_hash = checkpoint.config_hash({'eval': config.eval.to_dict(), 'test_seed': config.data.test_seed,
-                                      'num_test': config.data.num_test, 'calibration': config.data.num_calibration,
-                                      'calibration_seed': config.data.seed})
+                                      'num_test': config.data.num_test, 'calibration_seed': config.data.seed,
+                                      'calibration': config.data.num_calibration})
   return train_dir, os.path.join(train_dir, f'{config.eval.confidence}-{eval_hash[:8]}')
 
 
@@ -193,7 +195,7 @@ def run_dirs(workdir: str, config: ml_collections.ConfigDict) -> tuple[str, str]
 
 
 def best_speedup(sweep: Sequence[Mapping[str, float]], quality_full: float, drop: float) -> float:
-  """Largest measured decode speedup over the sweep whose quality is within `drop` of the full model (else 1)."""
+  """Largest measured decode speedup of a sweep point within `drop` of the full model's quality (else 1)."""
   ok = [s['speedup_decode_wallclock'] for s in sweep if s['quality'] >= quality_full - drop - 1e-12]
   return float(max(ok, default=1.0))
 
@@ -210,7 +212,8 @@ def run_record(summary: Mapping[str, Any], comparable_drop: float) -> dict:
       'speedup_decode_wallclock': summary['speedup_decode_wallclock'],
       'speedup_layers': summary['speedup_layers'],
       'speedup_end_to_end_wallclock': summary['speedup_end_to_end_wallclock'],
-      'speedup_at_comparable_quality': best_speedup(summary['sweep'], summary['quality_full'], comparable_drop),
+      'speedup_at_comparable_quality': best_speedup(summary['sweep'], summary['quality_full'],
+                                                    comparable_drop),
       'threshold': summary['threshold'],
       'mean_exit_layer': summary['mean_exit_layer'],
       'overthinking_rate': summary['overthinking_rate'],
@@ -229,14 +232,14 @@ def run_record(summary: Mapping[str, Any], comparable_drop: float) -> dict:
 
 def run_one(config: ml_collections.ConfigDict, workdir: str, backbone: pipeline.Backbone, mesh,
             comparable_drop: float) -> dict:
-  """Trains (or restores) the row's exits and evaluates them; a finished run's record is read back as it was."""
+  """Trains (or restores) a row's exits and evaluates them; a finished run's record is read back as is."""
   train_dir, eval_dir = run_dirs(workdir, config)
   record_path = os.path.join(eval_dir, RECORD_FILE)
   if os.path.exists(record_path):
     with open(record_path) as f:
       return json.load(f)
   start = time.perf_counter()
-  state = pipeline.exit_stage(config, train_dir, backbone, mesh)  # restores a finished training, trains nothing
+  state = pipeline.exit_stage(config, train_dir, backbone, mesh)  # a finished training is only restored
   train_s = time.perf_counter() - start
   start = time.perf_counter()
   summary = evaluator.early_exit_evaluation(config, eval_dir, backbone, state.exits)
@@ -262,20 +265,20 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict:
   out['per_exit_quality_std'] = {name: float(np.std([r['per_exit_quality'][name] for r in records],
                                                     ddof=1 if len(records) > 1 else 0))
                                  for name in records[0]['per_exit_quality']}
-  out['sweep'] = [{key: float(np.mean([r['sweep'][i][key] for r in records])) for key in records[0]['sweep'][i]}
-                  for i in range(len(records[0]['sweep']))]
+  out['sweep'] = [{key: float(np.mean([r['sweep'][i][key] for r in records])) for key in point}
+                  for i, point in enumerate(records[0]['sweep'])]
   for k in ('exit_layers', 'num_layers', 'quality_metric'):
     out[k] = records[0][k]
   out['runs'] = [r['run'] for r in records]
   return out
 
 
-def run_study(config: ml_collections.ConfigDict, workdir: str, grid: str | Grid = 'full', out_dir: str | None = None,
-              log: Callable[[str], None] = print) -> list[dict]:
+def run_study(config: ml_collections.ConfigDict, workdir: str, grid: str | Grid = 'full',
+              out_dir: str | None = None, log: Callable[[str], None] = print) -> list[dict]:
   """Runs every row of `grid` on `config`'s backbone (trained first if not cached) and writes the results.
 
   Args:
-    config: an experiment config (e.g. experiments/configs/vqa.py); the grid's overrides are applied to a copy.
+    config: an experiment config (e.g. experiments/configs/vqa.py); the grid is applied to a copy.
     workdir: holds ``backbone/`` (shared with experiments/train.py) and ``reproduce/`` (the rows).
     grid: a name in `GRIDS` or a `Grid`.
     out_dir: where `write_results` writes (None: not written).
@@ -286,6 +289,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, grid: str | Grid 
   """
   grid = get_grid(grid)
   base = validate(config, grid)
+  workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
   start = time.perf_counter()
   mesh = parallel.make_mesh()
   backbone = pipeline.backbone_stage(base, workdir, mesh)
@@ -298,7 +302,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, grid: str | Grid 
         c = row_config(base, method, fraction, seed)
         key = run_dirs(workdir, c)
         if key not in done:
-          log(f'[reproduce] {method} labels={_fraction_name(fraction)}% seed={seed}: {os.path.relpath(key[0], workdir)}')
+          log(f'[reproduce] {method} labels={_fraction_name(fraction)}% seed={seed}: '
+              f'{os.path.relpath(key[0], workdir)}')
           done[key] = run_one(c, workdir, backbone, mesh, grid.comparable_drop)
         records.append(done[key])
       m = METHODS[method]
@@ -306,7 +311,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, grid: str | Grid 
                    'mode': m.mode, 'confidence': m.confidence, 'description': m.description,
                    'seeds': list(grid.seeds), **aggregate(records)})
   wall_s = time.perf_counter() - start
-  log(f'[reproduce] {len(rows)} rows from {len(done)} runs in {wall_s:.0f} s (backbone stage {backbone_s:.0f} s)')
+  log(f'[reproduce] {len(rows)} rows from {len(done)} runs in {wall_s:.0f} s '
+      f'(backbone stage {backbone_s:.0f} s)')
   if out_dir is not None:
     write_results(rows, out_dir, grid, meta={'wall_s': wall_s, 'backbone_s': backbone_s, 'runs': len(done)})
   return rows
@@ -327,7 +333,7 @@ def _find(rows, method: str, fraction: float):
 
 
 def _compare(a: Mapping, b: Mapping, key: str, lower_is_better: bool = False) -> tuple[str, float]:
-  """('holds' | 'does not hold' | 'inconclusive', difference a - b): a better than b beyond the seed spread."""
+  """(verdict, a - b): 'holds' when a is better than b beyond the seed spread, 'does not hold' when worse."""
   diff = a[key] - b[key]
   spread = float(np.hypot(a.get(f'{key}_std', 0.0), b.get(f'{key}_std', 0.0)))
   better = -diff if lower_is_better else diff
@@ -348,23 +354,25 @@ def claims(rows: Sequence[Mapping[str, Any]], comparable_drop: float) -> list[st
       continue
     pct = _fraction_name(fraction)
     verdict, diff = _compare(free, ce, 'mean_exit_quality')
-    lines.append(f'- (1) adversarial exits beat CE exits at {pct}% labels: **{verdict}** — mean exit quality '
-                 f'{_pm(free, "mean_exit_quality")} (FREE) vs {_pm(ce, "mean_exit_quality")} (CE), '
-                 f'difference {diff:+.3f}; early-exit quality {_pm(free, "quality")} vs {_pm(ce, "quality")}.')
+    lines.append(f'- (1) adversarial exits beat CE exits at {pct}% labels: **{verdict}** — mean exit '
+                 f'quality {_pm(free, "mean_exit_quality")} (FREE) vs {_pm(ce, "mean_exit_quality")} (CE), '
+                 f'difference {diff:+.3f}; early-exit quality {_pm(free, "quality")} vs '
+                 f'{_pm(ce, "quality")}.')
     verdict, diff = _compare(free, ce, 'overthinking_rate', lower_is_better=True)
-    lines.append(f'- (2a) less overthinking at {pct}% labels: **{verdict}** — {_pm(free, "overthinking_rate")} '
-                 f'(FREE) vs {_pm(ce, "overthinking_rate")} (CE).')
+    lines.append(f'- (2a) less overthinking at {pct}% labels: **{verdict}** — '
+                 f'{_pm(free, "overthinking_rate")} (FREE) vs {_pm(ce, "overthinking_rate")} (CE).')
     verdict, diff = _compare(free, ce, 'mid_crisis_dip', lower_is_better=True)
-    lines.append(f'- (2b) smaller mid-crisis dip at {pct}% labels: **{verdict}** — dip {_pm(free, "mid_crisis_dip")}'
-                 f' (FREE) vs {_pm(ce, "mid_crisis_dip")} (CE); naive exits (frozen head) '
-                 f'{free["naive_mid_crisis_dip"]:.3f}.')
+    lines.append(f'- (2b) smaller mid-crisis dip at {pct}% labels: **{verdict}** — dip '
+                 f'{_pm(free, "mid_crisis_dip")} (FREE) vs {_pm(ce, "mid_crisis_dip")} (CE); naive exits '
+                 f'(frozen head) {free["naive_mid_crisis_dip"]:.3f}.')
     fast = free['speedup_at_comparable_quality']
     verdict = 'holds' if fast >= PAPER_SPEEDUP else 'does not hold'
-    lines.append(f'- (3) >= {PAPER_SPEEDUP}x measured decode speedup within {100 * comparable_drop:g} point of '
-                 f'the full model at {pct}% labels: **{verdict}** — best {_pm(free, "speedup_at_comparable_quality", ".2f")}x '
-                 f'over the sweep; at the calibrated threshold {_pm(free, "speedup_decode_wallclock", ".2f")}x '
-                 f'measured ({_pm(free, "speedup_layers", ".2f")}x in layers) for quality {_pm(free, "quality")} '
-                 f'vs {free["quality_full"]:.3f} full.')
+    best, measured, layers = (_pm(free, k, '.2f') for k in ('speedup_at_comparable_quality',
+                                                            'speedup_decode_wallclock', 'speedup_layers'))
+    lines.append(f'- (3) >= {PAPER_SPEEDUP}x measured decode speedup within {100 * comparable_drop:g} point '
+                 f'of the full model at {pct}% labels: **{verdict}** — best {best}x over the sweep; at the '
+                 f'calibrated threshold {measured}x measured ({layers}x in layers) for quality '
+                 f'{_pm(free, "quality")} vs {free["quality_full"]:.3f} full.')
   return lines
 
 
@@ -376,17 +384,18 @@ def markdown(rows: Sequence[Mapping[str, Any]], grid: Grid, meta: Mapping[str, A
   lines = ['# FREE reproduction on the embedded benchmark', '',
            f'Backbone: {first["num_layers"]}-layer LM, exits after layers {first["exit_layers"]}; full-model '
            f'{metric} {first["quality_full"]:.3f}. Seeds: {list(grid.seeds)}'
-           + (' (mean ± sample std).' if len(grid.seeds) > 1 else ' (one seed: no spread).'),
-           'Quality = test-split early-exit quality at the calibrated threshold; speedups are measured decode '
-           'wall clock (batch 1) and layer counts; "best ≤ x pt" = largest measured speedup over the threshold '
-           f'sweep within {100 * grid.comparable_drop:g} point of the full model. Per-exit quality is '
-           'teacher-forced; the mid-crisis dip is measured on it (exits then final layer). '
+           + (' (mean ± sample std).' if len(grid.seeds) > 1 else ' (one seed: no spread).'), '',
+           'Quality = test-split early-exit quality at the calibrated threshold; speedups are measured '
+           'decode wall clock (batch 1) and layer counts; "best ≤ x pt" = largest measured speedup over '
+           f'the threshold sweep within {100 * grid.comparable_drop:g} point of the full model. Per-exit '
+           'quality is teacher-forced; the mid-crisis dip is measured on it (exits then final layer). '
            'Methods marked † use no labels: one run, reported for every fraction.']
   if meta:
-    lines.append(f'Study wall time {meta["wall_s"] / 60:.1f} min ({meta["runs"]} runs; backbone stage '
-                 f'{meta["backbone_s"] / 60:.1f} min, cached after its first run).')
-  header = ['method', metric, 'Δ vs full', 'decode speedup', 'layer speedup', f'best ≤{100 * grid.comparable_drop:g}pt',
-            'overthinking', 'mid-crisis dip', 'per-exit quality (' + ' / '.join(exit_names) + ')']
+    lines += ['', f'Study wall time {meta["wall_s"] / 60:.1f} min ({meta["runs"]} runs; backbone stage '
+                  f'{meta["backbone_s"] / 60:.1f} min, cached after its first run).']
+  header = ['method', metric, 'Δ vs full', 'decode speedup', 'layer speedup',
+            f'best ≤{100 * grid.comparable_drop:g}pt', 'overthinking', 'mid-crisis dip',
+            'per-exit quality (' + ' / '.join(exit_names) + ')']
   for fraction in sorted({r['label_fraction'] for r in rows}):
     lines += ['', f'## {_fraction_name(fraction)}% labels', '', '| ' + ' | '.join(header) + ' |',
               '|' + '---|' * len(header)]
@@ -424,9 +433,10 @@ def write_results(rows: Sequence[Mapping[str, Any]], out_dir: str, grid: Grid,
     paths.append(analysis.plot_per_layer_quality(
         curves, os.path.join(out_dir, f'per_layer_quality_labels{name}.png'), layers=layers,
         quality_label=f'teacher-forced {here[0]["quality_metric"]}', title=f'{name}% labels'))
+    sweeps = {r['method']: ([s['speedup_decode_wallclock'] for s in r['sweep']],
+                            [s['quality'] for s in r['sweep']]) for r in here}
     paths.append(analysis.plot_quality_vs_speedup(
-        {r['method']: ([s['speedup_decode_wallclock'] for s in r['sweep']], [s['quality'] for s in r['sweep']])
-         for r in here},
+        sweeps,
         os.path.join(out_dir, f'quality_vs_speedup_labels{name}.png'), full_quality=here[0]['quality_full'],
         quality_label=here[0]['quality_metric'], title=f'{name}% labels'))
   return paths
