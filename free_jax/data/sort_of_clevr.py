@@ -1,6 +1,6 @@
 """Embedded Sort-of-CLEVR: procedurally drawn VQA / captioning scenes, deterministic from a seed.
 
-In the spirit of Sort-of-CLEVR (Santoro et al., 2017): a white canvas with `num_objects` objects of
+In the spirit of Sort-of-CLEVR (Santoro et al., 2017): a plain canvas (`BACKGROUND`) with `num_objects` objects of
 distinct colours and one of three shapes, placed on a jittered 4 x 4 lattice so they never overlap
 and never straddle the image's vertical or horizontal midline (left/right, top/bottom are unambiguous).
 
@@ -31,10 +31,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from free_jax.data import preprocess
+
 COLOURS = ('red', 'green', 'blue', 'yellow', 'purple', 'pink', 'cyan', 'gray')
 RGB = np.array([(220, 30, 30), (30, 160, 50), (30, 70, 220), (235, 205, 20), (140, 50, 180),
-                (245, 120, 200), (30, 200, 210), (110, 110, 110)], np.uint8)
-BACKGROUND = (255, 255, 255)
+                (245, 120, 200), (30, 200, 210), (50, 50, 50)], np.uint8)
+# The BLIP-2 normalisation mean, so the background is ~0 after `preprocess_images`. A white canvas
+# becomes +1.9 on every pixel: a constant that dominates every patch embedding and left the embedded
+# ViT unable to see the objects (the backbone only learned the answer prior). Gray is dark to stand out.
+BACKGROUND = tuple(round(255 * m) for m in preprocess.BLIP2_MEAN)
 SHAPES = ('square', 'circle', 'triangle')
 PLURAL_SHAPES = ('squares', 'circles', 'triangles')
 NUMBERS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight')

@@ -114,8 +114,8 @@ def test_pixels_agree_with_metadata(data):
       assert corners == {'square': [True] * 4, 'triangle': [False, False, True, True],
                          'circle': [False] * 4}[shape], (i, k, shape)
       covered |= (np.abs(xx - x) <= r) & (np.abs(yy - y) <= r)
-    assert (image[i][~covered] == 255).all()
-    present = {tuple(p) for p in image[i].reshape(-1, 3)} - {(255, 255, 255)}
+    assert (image[i][~covered] == soc.BACKGROUND).all()
+    present = {tuple(p) for p in image[i].reshape(-1, 3)} - {soc.BACKGROUND}
     assert present == {rgb[c] for c, _, _, _ in _scene(data, i)}
 
 
