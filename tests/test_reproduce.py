@@ -95,7 +95,7 @@ def _record(quality, exits, speedups=(1.0, 2.0), seed_run='r'):
   summary = {'quality_early_exit': quality, 'quality_full': 0.9, 'speedup_decode_wallclock': 1.8,
              'speedup_layers': 2.0, 'speedup_end_to_end_wallclock': 1.5, 'threshold': 0.9,
              'mean_exit_layer': 4.0, 'overthinking_rate': 0.1, 'test_risk': 0.01, 'exit_layers': [2, 4, 6],
-             'num_layers': 8, 'quality_metric': 'exact_match',
+             'num_layers': 8, 'quality_metric': 'exact_match', 'num_test': 10_000,
              'per_exit_quality': dict(zip(['exit2', 'exit4', 'exit6', 'final'], exits)),
              'per_layer_quality_naive': [0.1, 0.6, 0.5, 0.3, 0.4, 0.7, 0.8, 0.9],
              'sweep': [{'threshold': 1.0, 'quality': 0.9, 'speedup_decode_wallclock': speedups[0]},
@@ -133,6 +133,13 @@ def test_claims_verdicts_follow_the_numbers():
   assert '**does not hold**' in lines[3]  # best comparable speedup 1.0x < 1.51x
   grid_rows[0]['mean_exit_quality_std'] = 0.5  # the difference is now within the seed spread
   assert 'inconclusive' in reproduce.claims(grid_rows, 0.01)[0]
+  grid_rows[0]['mean_exit_quality_std'] = 0.0
+  for row in grid_rows:
+    row['num_test'] = 4  # 0.3 apart on 4 questions is within the test split's sampling error
+  assert 'inconclusive' in reproduce.claims(grid_rows, 0.01)[0]
+  for row in grid_rows:  # a backbone that is as good at every exit cannot test the claims: said first
+    row['naive_quality_at_exits'] = dict.fromkeys(row['naive_quality_at_exits'], 0.5)
+  assert reproduce.claims(grid_rows, 0.01)[0].startswith('- **Caveat')
 
 
 def test_bad_grids_fail_clearly():

@@ -86,7 +86,11 @@ def test_resume_after_a_corrupt_latest_checkpoint_equals_the_uninterrupted_run(f
   resumed, original = _final_state(workdir, config, backbone), _final_state(finished[0], config, backbone)
   assert resumed.step == original.step == 10
   jax.tree.map(np.testing.assert_array_equal, resumed.state, original.state)
-  assert summary == json.loads((finished[0] / pipeline.EVAL_FILE).read_text())
+  uninterrupted = json.loads((finished[0] / pipeline.EVAL_FILE).read_text())
+  # The CLI run also ran the early-exit evaluator (wall-clock figures differ run to run); the
+  # teacher-forced evaluation is deterministic and must match exactly.
+  uninterrupted.pop('early_exit_evaluation')
+  assert summary == uninterrupted
   assert metrics_logging.read_metrics(workdir) == metrics_logging.read_metrics(finished[0])
 
 
