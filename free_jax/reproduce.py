@@ -404,9 +404,9 @@ def markdown(rows: Sequence[Mapping[str, Any]], grid: Grid, meta: Mapping[str, A
            'quality is teacher-forced; the mid-crisis dip is measured on it (exits then final layer). '
            'Methods marked † use no labels: one run, reported for every fraction.']
   if meta:
-    lines += ['', f'{meta["runs"]} runs; their training and evaluation took {meta["runs_s"] / 60:.1f} min in '
-                  f'all (when each was run; this invocation: {meta["wall_s"] / 60:.1f} min, of which backbone '
-                  f'stage {meta["backbone_s"] / 60:.1f} min).']
+    lines += ['', f'{meta["runs"]} runs; their training and evaluation took {meta["runs_s"] / 60:.1f} min '
+                  f'in all (when each was run; this invocation: {meta["wall_s"] / 60:.1f} min, of which '
+                  f'backbone stage {meta["backbone_s"] / 60:.1f} min).']
   header = ['method', metric, 'Δ vs full', 'decode speedup', 'layer speedup',
             f'best ≤{100 * grid.comparable_drop:g}pt', 'overthinking', 'mid-crisis dip',
             'per-exit quality (' + ' / '.join(exit_names) + ')']
