@@ -74,7 +74,7 @@ class Checkpointer:
                async_save: bool = True):
     if max_to_keep < 1:
       raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}')
-    self.directory = os.fspath(directory)
+    self.directory = os.path.abspath(os.fspath(directory))  # orbax refuses relative paths (make train uses one)
     self.config_hash = config_hash
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)

@@ -117,3 +117,13 @@ def test_check_finite_names_the_metric():
     checkpoint.check_finite({'d_loss': 0.5, 'g_loss': jnp.float32(np.nan)}, step=12)
   with pytest.raises(FloatingPointError, match="'grad_norm'.*1 non-finite"):
     checkpoint.check_finite({'grad_norm': np.array([1.0, np.inf])}, step=1)
+
+
+def test_relative_directory_is_accepted(tmp_path, monkeypatch):
+  """`make train` passes a relative workdir; orbax itself only takes absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  with checkpoint.Checkpointer('relative/ckpts', async_save=False) as ckpt:
+    ckpt.save(1, {'x': np.arange(3.0)})
+    restored = ckpt.restore_latest({'x': np.zeros(3)})
+  assert restored.step == 1
+  np.testing.assert_array_equal(restored.state['x'], np.arange(3.0))
