@@ -167,6 +167,10 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    # orbax 0.12 cleans stale tmp directories in a background thread started by the constructor, and
+    # `CheckpointManager.close` does not join it: a process that exits right after opening a manager then
+    # dies with "cannot schedule new futures after interpreter shutdown" instead of its own error.
+    self._manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
     self._manager.close()
 
   def __enter__(self) -> 'Checkpointer':
