@@ -45,13 +45,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedded = embedded_backbone()
 
   c.backbone_train = ml_collections.ConfigDict()  # stage 1 (embedded only): end-to-end CE training
-  c.backbone_train.steps = 2000         # optimizer steps; skipped when a cached backbone exists
+  c.backbone_train.steps = 3000         # optimizer steps; skipped when a cached backbone exists
   c.backbone_train.batch_size = 32      # global batch size
   c.backbone_train.learning_rate = 1.5e-3  # AdamW peak learning rate (warmup + cosine decay)
   c.backbone_train.warmup_steps = 100   # linear warmup steps
   c.backbone_train.weight_decay = 0.01  # AdamW weight decay
   c.backbone_train.num_examples = 32000  # generated training examples (cycled over epochs)
   c.backbone_train.grad_clip = 1.0      # global-norm gradient clipping (0 = off)
+  c.backbone_train.grounding_weight = 1.0  # weight of the scene-grounding loss on the image prefix (sort_of_clevr
+                                           # only; 0 = off): without it the LM never learns to use the image
+  c.backbone_train.caption_every = 2     # every k-th step trains on the same scenes' captions (sort_of_clevr only;
+                                         # 0 = never): naming each object teaches the LM to read the image tokens
   c.backbone_train.checkpoint_every = 500  # steps between orbax checkpoints of the backbone stage
 
   c.data = ml_collections.ConfigDict()

@@ -276,6 +276,27 @@ def generate(num_examples: int, seed: int | np.random.SeedSequence, task: str = 
   return _map_rows(examples, lambda column: column[:num_examples])
 
 
+def object_slots(objects: dict, image_size: int) -> dict[str, np.ndarray]:
+  """Per-colour scene labels (colours are distinct within a scene), for the backbone's grounding loss.
+
+  Args:
+    objects: the ``objects`` column of `generate` (int32[N, K] 'colour', 'shape', 'x', 'y').
+    image_size: the side the scenes were drawn at.
+
+  Returns:
+    int32[N, len(COLOURS)] arrays 'shape', 'column', 'row': for each colour, 1 + the shape index /
+    lattice column / lattice row of the object with that colour, or 0 if no object has it.
+  """
+  colour = objects['colour']
+  cell = image_size // GRID
+  rows = np.arange(colour.shape[0])[:, None]
+  slots = {}
+  for name, value in (('shape', objects['shape']), ('column', objects['x'] // cell), ('row', objects['y'] // cell)):
+    slots[name] = np.zeros((colour.shape[0], len(COLOURS)), np.int32)
+    slots[name][rows, colour] = value + 1
+  return slots
+
+
 def _map_rows(examples: dict, fn) -> dict:
   return {k: _map_rows(v, fn) if isinstance(v, dict) else fn(v) for k, v in examples.items()}
 

@@ -152,9 +152,8 @@ class VisionModel(nn.Module):
                       padding='VALID', dtype=self.dtype, name='patch_embedding')(pixel_values)
     b = patches.shape[0]
     patches = patches.reshape(b, cfg.num_patches, d)  # row-major over the patch grid, as HF flattens
-    init = nn.initializers.truncated_normal(0.02)
-    cls_token = self.param('class_embedding', init, (d,)).astype(self.dtype)
-    positions = self.param('position_embedding', init, (1 + cfg.num_patches, d)).astype(self.dtype)
+    cls_token = self.param('class_embedding', nn.initializers.truncated_normal(0.02), (d,)).astype(self.dtype)
+    positions = self.param('position_embedding', _position_init, (1 + cfg.num_patches, d)).astype(self.dtype)
     h = jnp.concatenate([jnp.broadcast_to(cls_token, (b, 1, d)), patches], axis=1) + positions
 
     layers = nn.scan(_EncoderLayer, variable_axes={'params': 0}, split_rngs={'params': True},
@@ -164,6 +163,26 @@ class VisionModel(nn.Module):
                      name='post_layernorm')(h)
     chex.assert_shape(h, (b, 1 + cfg.num_patches, d))
     return h
+
+
+def _position_init(rng: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+  """float[1 + N, D]: a zero class row, then 2-D sin-cos codes of the patch grid (MAE / big_vision).
+
+  Only a ViT trained from scratch (the embedded backbone) sees this; checkpoints overwrite it. HF's
+  truncated_normal(0.02) makes the position ~50x smaller than the patch content, and the embedded
+  backbone then never learned where objects are: the Q-Former's queries could read colours and
+  shapes but not positions (per-object row/column decoding stayed at chance after 800 steps; with
+  position codes of unit scale it is exact after 400).
+  """
+  del rng  # deterministic
+  num, d = shape[0] - 1, shape[1]
+  side = round(num ** 0.5)  # the patch grid is square (square images and patches)
+  omega = 1.0 / 10000 ** (np.arange(d // 4) / (d // 4))
+  y, x = np.mgrid[:side, :side]
+  angles = [np.outer(c.ravel(), omega) for c in (x, y)]
+  codes = np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1)
+  codes = np.pad(codes, ((1, 0), (0, d - codes.shape[1])))  # class row, and columns beyond 4 * (d // 4)
+  return jnp.asarray(codes, dtype)
 
 
 def _layer_params_from_hf(get: TensorSource, cfg: VisionConfig) -> dict:

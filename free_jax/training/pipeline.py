@@ -3,8 +3,8 @@
 Stages (each resumable, each skipped when its result is already in the workdir):
 
 1. Backbone (`backbone_stage`). ``model.source='embedded'``: a tiny BLIP-2 (``config.model.embedded``)
-   over the embedded tokenizer's vocabulary, trained end to end with CE on the embedded task and
-   checkpointed in ``workdir/backbone/`` (orbax); a finished backbone is restored, never retrained.
+   over the embedded tokenizer's vocabulary, trained end to end with CE on the embedded task (plus the
+   grounding loss of `free_jax.training.grounding` on the image prefix) and checkpointed in ``workdir/backbone/`` (orbax); a finished backbone is restored, never retrained.
    ``model.source='pretrained'``: `free_jax.load_pretrained` from ``model.pretrained_path``.
 2. FREE exits (`exit_stage`): the adversarial step (`free_step`) on the frozen backbone; orbax
    checkpoints (exits, discriminators, optimizer states, step and data position) in
@@ -38,7 +38,7 @@ from free_jax.models import blip2
 from free_jax.models.opt import OPTConfig
 from free_jax.models.qformer import QFormerConfig
 from free_jax.models.vit import VisionConfig
-from free_jax.training import backbone_step, checkpoint, distributed, free_step, optim, parallel, sharding
+from free_jax.training import backbone_step, checkpoint, distributed, free_step, grounding, optim, parallel, sharding
 from free_jax.training import state as state_lib
 from free_jax.training import logging as metrics_logging
 
@@ -48,6 +48,9 @@ BACKBONE_DIR = 'backbone'
 CHECKPOINT_DIR = 'checkpoints'
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _PROBE_EXAMPLES = 2048  # examples that fix the prompt/target lengths (generated, or the first real ones)
+# Part of the backbone cache key: bump it when code changes what stage 1 trains for the same config
+# (2: sin-cos ViT position init, the grounding loss and caption steps), so a stale cached backbone is never reused.
+BACKBONE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +155,18 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
   _check(config.backbone_train.num_examples >= config.backbone_train.batch_size,
          f'backbone_train.num_examples={config.backbone_train.num_examples} is smaller than '
          f'backbone_train.batch_size={config.backbone_train.batch_size}')
+  _check(config.backbone_train.grounding_weight >= 0,
+         f'backbone_train.grounding_weight={config.backbone_train.grounding_weight} must be >= 0')
+  if config.backbone_train.grounding_weight > 0 and config.model.source == 'embedded':
+    _check(config.data.source == 'sort_of_clevr',
+           f'backbone_train.grounding_weight={config.backbone_train.grounding_weight} needs the scene metadata of '
+           f"data.source='sort_of_clevr' (got {config.data.source!r}); set it to 0")
+  _check(config.backbone_train.caption_every >= 0,
+         f'backbone_train.caption_every={config.backbone_train.caption_every} must be >= 0')
+  if config.backbone_train.caption_every and config.model.source == 'embedded':
+    _check(config.data.source == 'sort_of_clevr',
+           f'backbone_train.caption_every={config.backbone_train.caption_every} needs the captions of '
+           f"data.source='sort_of_clevr' (got {config.data.source!r}); set it to 0")
   for name in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     _check(config.train[name] >= 1, f'train.{name}={config.train[name]} must be >= 1')
   _check(config.data.num_test >= 1, f'data.num_test={config.data.num_test} must be >= 1')
@@ -242,7 +257,7 @@ def _backbone_hash(config) -> str:
   """What the backbone depends on: changing exit or evaluation settings keeps the cached backbone."""
   data = {k: config.data[k] for k in ('task', 'source', 'seed', 'max_text_length')}
   return checkpoint.config_hash({'model': _to_dict(config.model), 'backbone_train': _to_dict(config.backbone_train),
-                                 'seed': config.seed, 'data': data})
+                                 'seed': config.seed, 'data': data, 'version': BACKBONE_VERSION})
 
 
 def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> Backbone | None:
@@ -283,9 +298,43 @@ def _backbone_tx(config):
       grad_clip_norm=c.grad_clip), c.steps)
 
 
+def _initial_backbone_state(config, model: blip2.Blip2Model, fmt: batching.InputFormat) -> state_lib.BackboneState:
+  probe = None
+  if config.backbone_train.grounding_weight > 0:
+    probe = grounding.init_probe(fmt.num_query_tokens, model.lm_stack().hidden_size)
+  return state_lib.create_backbone_state(init_backbone_params(model, fmt, jax.random.key(config.seed)),
+                                         _backbone_tx(config), probe)
+
+
 def _abstract_backbone_state(config, model, fmt) -> state_lib.BackboneState:
-  return jax.eval_shape(lambda: state_lib.create_backbone_state(
-      init_backbone_params(model, fmt, jax.random.key(config.seed)), _backbone_tx(config)))
+  return jax.eval_shape(lambda: _initial_backbone_state(config, model, fmt))
+
+
+def _caption_format(fmt: batching.InputFormat, tokenizer, max_positions: int) -> batching.InputFormat:
+  """The input format of the embedded scenes' captions (their own lengths, same ids and image size)."""
+  probe = sort_of_clevr.make_split('val', _PROBE_EXAMPLES, 0, task='caption', image_size=fmt.image_size)
+  prompt_length, target_length = batching.required_lengths(tokenizer, fmt.family, 'caption', probe)
+  _check(fmt.num_query_tokens + prompt_length + target_length <= max_positions,
+         f'backbone_train.caption_every needs {fmt.num_query_tokens + prompt_length + target_length} LM positions for '
+         f'captions, model.embedded.max_positions={max_positions}')
+  return dataclasses.replace(fmt, prompt_length=prompt_length, target_length=target_length)
+
+
+def _backbone_batches(examples: dict, backbone: Backbone, config, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  """Stage-1 batches from `start_step` on: the task's rows, every `caption_every`-th step the same scenes'
+  captions instead, plus the grounding labels if that loss is on. Step k's batch depends only on k."""
+  c = config.backbone_train
+  captions = _caption_format(backbone.fmt, backbone.tokenizer, config.model.embedded.max_positions) \
+      if c.caption_every else None
+  chunks = batching.iterate_batches(examples, c.batch_size, config.data.seed, start_step=start_step)
+  for step, chunk in enumerate(chunks, start_step + 1):
+    if captions is not None and step % c.caption_every == 0:
+      batch = batching.train_batch(chunk, backbone.tokenizer, captions, 'caption')
+    else:
+      batch = batching.train_batch(chunk, backbone.tokenizer, backbone.fmt, config.data.task)
+    if c.grounding_weight > 0:
+      batch.update(grounding.batch_labels(chunk['objects'], backbone.fmt.image_size))
+    yield batch
 
 
 def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Backbone:
@@ -299,17 +348,16 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   fmt = make_input_format(config, model_config, tokenizer)
   c = config.backbone_train
   tx = _backbone_tx(config)
-  state = state_lib.create_backbone_state(init_backbone_params(model, fmt, jax.random.key(config.seed)), tx)
-  step_fn = backbone_step.make_backbone_step(model, tx, mesh)
+  state = _initial_backbone_state(config, model, fmt)
+  step_fn = backbone_step.make_backbone_step(model, tx, mesh, c.grounding_weight)
   backbone = Backbone(model, None, tokenizer, fmt)
   examples = load_examples(config, 'train', c.num_examples, fmt.image_size)
   run_dir = os.path.join(workdir, BACKBONE_DIR)
   with _backbone_checkpointer(config, workdir) as ckpt:
     state = _train_loop(state, step_fn, ckpt, run_dir, mesh, total_steps=c.steps,
-                        batches=lambda start: train_batches(examples, backbone, config.data.task, c.batch_size,
-                                                            config.data.seed, start),
+                        batches=lambda start: _backbone_batches(examples, backbone, config, start),
                         log_every=config.train.log_every, checkpoint_every=c.checkpoint_every,
-                        progress_keys=('loss', 'token_acc'), desc='backbone')
+                        progress_keys=('loss', 'grounding', 'token_acc'), desc='backbone')
   return dataclasses.replace(backbone, params=state.params)
 
 

@@ -45,18 +45,24 @@ def create_free_state(exits: PyTree, discriminators: PyTree, g_tx: optax.Gradien
 
 @flax.struct.dataclass
 class BackboneState:
-  """Stage 1: the whole embedded BLIP-2, trained end to end with cross-entropy.
+  """Stage 1: the whole embedded BLIP-2, trained end to end with cross-entropy (+ grounding).
 
   Attributes:
     step: int32[] number of completed steps.
     params: `Blip2Model` params.
-    opt_state: their optimizer state.
+    probe: the grounding probe (`free_jax.training.grounding`), ``{}`` when grounding is off; it is
+      discarded after training.
+    opt_state: optimizer state of ``(params, probe)``.
   """
 
   step: jax.Array
   params: PyTree
+  probe: PyTree
   opt_state: PyTree
 
 
-def create_backbone_state(params: PyTree, tx: optax.GradientTransformation) -> BackboneState:
-  return BackboneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def create_backbone_state(params: PyTree, tx: optax.GradientTransformation,
+                          probe: PyTree | None = None) -> BackboneState:
+  probe = {} if probe is None else probe
+  return BackboneState(step=jnp.zeros((), jnp.int32), params=params, probe=probe,
+                       opt_state=tx.init((params, probe)))

@@ -156,3 +156,16 @@ def test_caption_task_and_options():
 def test_bad_arguments_raise_clear_errors(kwargs, message):
   with pytest.raises(ValueError, match=message):
     soc.make_split(kwargs.pop('split', 'train'), 4, seed=0, **kwargs)
+
+
+def test_object_slots_describe_each_colour(data):
+  slots = soc.object_slots(data['objects'], 64)
+  for i in range(50):
+    seen = {}
+    for colour, shape, x, y in _scene(data, i):
+      seen[soc.COLOURS.index(colour)] = (1 + soc.SHAPES.index(shape), 1 + x // 16, 1 + y // 16)
+    for c in range(len(soc.COLOURS)):
+      assert (slots['shape'][i, c], slots['column'][i, c], slots['row'][i, c]) == seen.get(c, (0, 0, 0))
+  # The lattice cell of an object is where its centre pixel lies, and the image halves agree with it.
+  left = slots['column'] <= soc.GRID // 2
+  assert ((slots['column'] == 0) | left | (slots['column'] > soc.GRID // 2)).all() and left.any()

@@ -41,3 +41,29 @@ def test_backbone_step_minimises_shifted_target_ce_and_loss_falls():
   np.testing.assert_allclose(losses[0], total / count, rtol=1e-4)
   assert losses[-1] < 0.85 * losses[0] and all(np.diff(losses) < 0), losses
   assert int(state.step) == 10
+
+
+def test_backbone_batches_interleave_captions_and_resume_exactly():
+  config = vqa.get_config('smoke')
+  model_config = pipeline.validate_config(config)
+  tok = tokenizer_lib.embedded_tokenizer('opt')
+  fmt = pipeline.make_input_format(config, model_config, tok)
+  backbone = pipeline.Backbone(blip2.Blip2Model(model_config), None, tok, fmt)
+  examples = pipeline.load_examples(config, 'train', 64, fmt.image_size)
+  every = config.backbone_train.caption_every
+  assert every == 2 and config.backbone_train.grounding_weight > 0
+  run = pipeline._backbone_batches(examples, backbone, config, 0)  # pylint: disable=protected-access
+  batches = [next(run) for _ in range(6)]
+  for step, batch in enumerate(batches, 1):
+    is_caption = step % every == 0
+    target_ids = batch['labels'][batch['loss_mask'] > 0]
+    words = set(tok.convert_ids_to_tokens(target_ids.tolist()))
+    # Caption steps name the objects ("a red circle , ..."), task steps answer in one word + EOS.
+    assert ('from' in words) == is_caption, (step, words)
+    assert batch['slot_shape'].shape == (config.backbone_train.batch_size, 8)
+  resumed = pipeline._backbone_batches(examples, backbone, config, 3)  # pylint: disable=protected-access
+  for expected in batches[3:]:
+    got = next(resumed)
+    assert got.keys() == expected.keys()
+    for key in got:
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
