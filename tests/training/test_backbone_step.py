@@ -1,15 +1,17 @@
 """The embedded backbone's CE step: the loss it minimises is next-token CE on the target tokens, and it falls."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import vqa
 from free_jax.data import batching, tokenizer as tokenizer_lib
 from free_jax.models import blip2
-from free_jax.training import backbone_step, optim, parallel, pipeline, state as state_lib
+from free_jax.training import backbone_step, grounding, optim, parallel, pipeline, state as state_lib
 
 
-def test_backbone_step_minimises_shifted_target_ce_and_loss_falls():
+def _smoke_backbone():
+  """The smoke config's random backbone and one batch of 8 generated questions."""
   config = vqa.get_config('smoke')
   model_config = pipeline.validate_config(config)
   tok = tokenizer_lib.embedded_tokenizer('opt')
@@ -17,7 +19,11 @@ def test_backbone_step_minimises_shifted_target_ce_and_loss_falls():
   fmt = pipeline.make_input_format(config, model_config, tok)
   params = pipeline.init_backbone_params(model, fmt, jax.random.key(0))
   examples = pipeline.load_examples(config, 'train', 8, fmt.image_size)
-  batch = batching.train_batch(examples, tok, fmt, 'vqa')
+  return model, params, tok, fmt, examples, batching.train_batch(examples, tok, fmt, 'vqa')
+
+
+def test_backbone_step_minimises_shifted_target_ce_and_loss_falls():
+  model, params, tok, _, examples, batch = _smoke_backbone()
 
   # The loss is CE of logits[:, t] against input_ids[:, t + 1] on target (answer, EOS) tokens only.
   logits = np.asarray(backbone_step.forward_logits(model, params, batch), np.float64)
@@ -41,6 +47,28 @@ def test_backbone_step_minimises_shifted_target_ce_and_loss_falls():
   np.testing.assert_allclose(losses[0], total / count, rtol=1e-4)
   assert losses[-1] < 0.85 * losses[0] and all(np.diff(losses) < 0), losses
   assert int(state.step) == 10
+
+
+def test_backbone_step_with_grounding_keeps_the_answer_loss_and_learns_the_probe():
+  model, params, _, fmt, examples, batch = _smoke_backbone()
+  batch.update(grounding.batch_labels(examples['objects'], fmt.image_size))
+  tx = optim.make_optimizer(optim.optimizer_config(learning_rate=3e-3, warmup_steps=0), 10)
+  mesh = parallel.make_mesh(1)
+
+  plain = backbone_step.make_backbone_step(model, tx, mesh)
+  _, plain_metrics = plain(state_lib.create_backbone_state(jax.tree.map(jnp.copy, params), tx), batch)  # donated
+  step = backbone_step.make_backbone_step(model, tx, mesh, grounding_weight=1.0)
+  probe = grounding.init_probe(fmt.num_query_tokens, model.lm_stack().hidden_size)
+  state = state_lib.create_backbone_state(params, tx, probe)
+  history = []
+  for _ in range(10):
+    state, metrics = step(state, batch)
+    history.append(metrics)
+  # 'loss' is the answer CE alone, identical to the plain step's on the same params.
+  np.testing.assert_allclose(history[0]['loss'], plain_metrics['loss'], rtol=1e-6)
+  ground = [float(m['grounding']) for m in history]
+  assert ground[-1] < 0.7 * ground[0], ground
+  assert float(jnp.abs(state.probe['kernel']).max()) > 0
 
 
 def test_backbone_batches_interleave_captions_and_resume_exactly():
