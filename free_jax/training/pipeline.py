@@ -4,7 +4,8 @@ Stages (each resumable, each skipped when its result is already in the workdir):
 
 1. Backbone (`backbone_stage`). ``model.source='embedded'``: a tiny BLIP-2 (``config.model.embedded``)
    over the embedded tokenizer's vocabulary, trained end to end with CE on the embedded task (plus the
-   grounding loss of `free_jax.training.grounding` on the image prefix) and checkpointed in ``workdir/backbone/`` (orbax); a finished backbone is restored, never retrained.
+   grounding loss of `free_jax.training.grounding` on the image prefix, and caption steps) and
+   checkpointed in ``workdir/backbone/`` (orbax); a finished backbone is restored, never retrained.
    ``model.source='pretrained'``: `free_jax.load_pretrained` from ``model.pretrained_path``.
 2. FREE exits (`exit_stage`): the adversarial step (`free_step`) on the frozen backbone; orbax
    checkpoints (exits, discriminators, optimizer states, step and data position) in
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from free_jax import configs
@@ -155,18 +157,14 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
   _check(config.backbone_train.num_examples >= config.backbone_train.batch_size,
          f'backbone_train.num_examples={config.backbone_train.num_examples} is smaller than '
          f'backbone_train.batch_size={config.backbone_train.batch_size}')
-  _check(config.backbone_train.grounding_weight >= 0,
-         f'backbone_train.grounding_weight={config.backbone_train.grounding_weight} must be >= 0')
-  if config.backbone_train.grounding_weight > 0 and config.model.source == 'embedded':
-    _check(config.data.source == 'sort_of_clevr',
-           f'backbone_train.grounding_weight={config.backbone_train.grounding_weight} needs the scene metadata of '
-           f"data.source='sort_of_clevr' (got {config.data.source!r}); set it to 0")
-  _check(config.backbone_train.caption_every >= 0,
-         f'backbone_train.caption_every={config.backbone_train.caption_every} must be >= 0')
-  if config.backbone_train.caption_every and config.model.source == 'embedded':
-    _check(config.data.source == 'sort_of_clevr',
-           f'backbone_train.caption_every={config.backbone_train.caption_every} needs the captions of '
-           f"data.source='sort_of_clevr' (got {config.data.source!r}); set it to 0")
+  # Stage-1 aids that only the generated scenes can feed.
+  for name, needs in (('grounding_weight', 'the scene metadata'), ('caption_every', 'the captions')):
+    value = config.backbone_train[name]
+    _check(value >= 0, f'backbone_train.{name}={value} must be >= 0')
+    if value > 0 and config.model.source == 'embedded':
+      _check(config.data.source == 'sort_of_clevr',
+             f"backbone_train.{name}={value} needs {needs} of data.source='sort_of_clevr' "
+             f'(got {config.data.source!r}); set it to 0')
   for name in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     _check(config.train[name] >= 1, f'train.{name}={config.train[name]} must be >= 1')
   _check(config.data.num_test >= 1, f'data.num_test={config.data.num_test} must be >= 1')
@@ -298,16 +296,16 @@ def _backbone_tx(config):
       grad_clip_norm=c.grad_clip), c.steps)
 
 
-def _initial_backbone_state(config, model: blip2.Blip2Model, fmt: batching.InputFormat) -> state_lib.BackboneState:
+def _initial_backbone_state(config, model: blip2.Blip2Model, fmt: batching.InputFormat,
+                            tx: optax.GradientTransformation) -> state_lib.BackboneState:
   probe = None
   if config.backbone_train.grounding_weight > 0:
     probe = grounding.init_probe(fmt.num_query_tokens, model.lm_stack().hidden_size)
-  return state_lib.create_backbone_state(init_backbone_params(model, fmt, jax.random.key(config.seed)),
-                                         _backbone_tx(config), probe)
+  return state_lib.create_backbone_state(init_backbone_params(model, fmt, jax.random.key(config.seed)), tx, probe)
 
 
 def _abstract_backbone_state(config, model, fmt) -> state_lib.BackboneState:
-  return jax.eval_shape(lambda: _initial_backbone_state(config, model, fmt))
+  return jax.eval_shape(lambda: _initial_backbone_state(config, model, fmt, _backbone_tx(config)))
 
 
 def _caption_format(fmt: batching.InputFormat, tokenizer, max_positions: int) -> batching.InputFormat:
@@ -348,7 +346,7 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   fmt = make_input_format(config, model_config, tokenizer)
   c = config.backbone_train
   tx = _backbone_tx(config)
-  state = _initial_backbone_state(config, model, fmt)
+  state = _initial_backbone_state(config, model, fmt, tx)
   step_fn = backbone_step.make_backbone_step(model, tx, mesh, c.grounding_weight)
   backbone = Backbone(model, None, tokenizer, fmt)
   examples = load_examples(config, 'train', c.num_examples, fmt.image_size)

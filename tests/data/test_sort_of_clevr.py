@@ -166,6 +166,8 @@ def test_object_slots_describe_each_colour(data):
       seen[soc.COLOURS.index(colour)] = (1 + soc.SHAPES.index(shape), 1 + x // 16, 1 + y // 16)
     for c in range(len(soc.COLOURS)):
       assert (slots['shape'][i, c], slots['column'][i, c], slots['row'][i, c]) == seen.get(c, (0, 0, 0))
-  # The lattice cell of an object is where its centre pixel lies, and the image halves agree with it.
-  left = slots['column'] <= soc.GRID // 2
-  assert ((slots['column'] == 0) | left | (slots['column'] > soc.GRID // 2)).all() and left.any()
+  # Every object fills exactly one colour slot, and a slot is either wholly filled or wholly absent.
+  filled = [slots[name] > 0 for name in ('shape', 'column', 'row')]
+  np.testing.assert_array_equal(filled[0].sum(1), data['objects']['colour'].shape[1])
+  np.testing.assert_array_equal(filled[0], filled[1])
+  np.testing.assert_array_equal(filled[0], filled[2])
