@@ -79,6 +79,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+    # orbax 0.12 cleans stale tmp directories in a background thread that `close` never joins. Left running, it
+    # races whatever the caller does next: interpreter shutdown ("cannot schedule new futures after shutdown"), or
+    # a `tfds.testing.mock_data` block that reroutes every epath call of the process to a fake filesystem.
+    self._manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -167,10 +171,6 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    # orbax 0.12 cleans stale tmp directories in a background thread started by the constructor, and
-    # `CheckpointManager.close` does not join it: a process that exits right after opening a manager then
-    # dies with "cannot schedule new futures after interpreter shutdown" instead of its own error.
-    self._manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
     self._manager.close()
 
   def __enter__(self) -> 'Checkpointer':

@@ -127,3 +127,14 @@ def test_relative_directory_is_accepted(tmp_path, monkeypatch):
     restored = ckpt.restore_latest({'x': np.zeros(3)})
   assert restored.step == 1
   np.testing.assert_array_equal(restored.state['x'], np.arange(3.0))
+
+
+def test_stale_tmp_directories_are_removed_before_the_constructor_returns(tmp_path):
+  """A save killed midway leaves a tmp directory. It is removed synchronously: a background cleanup outlives
+  `close` and races interpreter shutdown or a `tfds.testing.mock_data` block that reroutes the filesystem."""
+  _save_steps(tmp_path, [1])
+  stale = tmp_path / '2.orbax-checkpoint-tmp-123'
+  (stale / 'state').mkdir(parents=True)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    assert not stale.exists()
+    assert ckpt.all_steps() == [1]
