@@ -89,13 +89,24 @@ def init_exit_params(stack: lm_api.DecoderStack, lm_params: PyTree, layers: Sequ
 
 
 def num_exits(exit_params: PyTree) -> int:
-  """E, the number of exits in an exit-parameter tree."""
+  """E, the number of exits in an exit-parameter tree (or tuple from `unstack_exits`)."""
+  if isinstance(exit_params, tuple):
+    return len(exit_params)
   return jax.tree.leaves(exit_params['layers'])[0].shape[0]
 
 
 def exit_slice(exit_params: PyTree, e: int) -> PyTree:
   """The params of exit e alone (leading exit axis removed; the layer keeps its axis of 1)."""
+  if isinstance(exit_params, tuple):
+    return exit_params[e]
   return jax.tree.map(lambda x: x[e], exit_params)
+
+
+def unstack_exits(exit_params: PyTree) -> tuple:
+  """A tuple of E `exit_slice`s: the decoding form, read in place (see `lm_api.unstack_layers`)."""
+  if isinstance(exit_params, tuple):
+    return exit_params
+  return tuple(exit_slice(exit_params, e) for e in range(num_exits(exit_params)))
 
 
 def apply_exit(stack: lm_api.DecoderStack, lm_params: PyTree, one_exit: PyTree, h: jax.Array,

@@ -77,6 +77,7 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
   common = dict(max_new_tokens=max_new_tokens, eos_token_id=None)
   full = EarlyExitDecoder(stack, (), **common)
   early = EarlyExitDecoder(stack, tuple(exit_layers), **common)
+  lm_params, exit_params = early.prepare(lm_params, exit_params)
   runs = {'full': lambda: full(lm_params, None, ids, valid).tokens}
   for t in thresholds:
     runs[str(float(t))] = lambda t=t: early(lm_params, exit_params, ids, valid, t).tokens

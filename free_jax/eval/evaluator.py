@@ -82,7 +82,8 @@ class Evaluator:
     self.early = EarlyExitDecoder(self.stack, self.exit_layers, confidence=e.confidence, prefill=e.prefill,
                                   **common)
     self.full = EarlyExitDecoder(self.stack, (), **common)
-    self.lm_params = backbone.params['language_model']
+    # Decoding form (per-layer arrays), made once: see `EarlyExitDecoder.prepare`.
+    self.lm_params, self.decode_exit_params = self.early.prepare(backbone.params['language_model'], exit_params)
     self._prompt_fn = jax.jit(self._prompt_inputs)
     self._teacher_fn = jax.jit(self._teacher_forced)
 
@@ -128,7 +129,7 @@ class Evaluator:
   def decode(self, decoder: EarlyExitDecoder, batches: list[dict], prepared: list, value: float = 0.0):
     """Host arrays (tokens int[N, T], exit_index int[N, T], executed layers, full layers) over valid rows."""
     setting = self._setting(value) if decoder.num_exits else {}
-    outs = [decoder(self.lm_params, self.exit_params, p, b['valid'], encoder=enc, **setting)
+    outs = [decoder(self.lm_params, self.decode_exit_params, p, b['valid'], encoder=enc, **setting)
             for b, (p, enc) in zip(batches, prepared)]
     tokens, exits, cost, full_cost = [], [], 0.0, 0.0
     for b, o in zip(batches, jax.device_get(outs)):
@@ -151,7 +152,7 @@ class Evaluator:
     outs = []
     for i, b in enumerate(batches):
       prompt, encoder = prepared[i] if prepared is not None else self.prompts(b)
-      outs.append(decoder(self.lm_params, self.exit_params, prompt, b['valid'], encoder=encoder, **setting))
+      outs.append(decoder(self.lm_params, self.decode_exit_params, prompt, b['valid'], encoder=encoder, **setting))
     jax.block_until_ready(outs)
     return time.perf_counter() - start
 
@@ -313,7 +314,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
                  'batch_size': e.batch_size, 'max_new_tokens': e.max_new_tokens,
                  'compile_s': {'full': ev.full.compile(ev.lm_params, None, test_prompts[0][0], timed[0]['valid'],
                                                        test_prompts[0][1])[1],
-                               'early_exit': ev.early.compile(ev.lm_params, exit_params, test_prompts[0][0],
+                               'early_exit': ev.early.compile(ev.lm_params, ev.decode_exit_params, test_prompts[0][0],
                                                               timed[0]['valid'], test_prompts[0][1])[1]},
                  'backend': jax.default_backend()},
       'per_exit_quality': dict(zip(names, teacher['per_exit'])),

@@ -247,9 +247,9 @@ class EarlyExitDecoder:
     h, cache, ctx = lm_api.begin_step(self.stack, lm_params, cache, token_valid, input_ids=input_ids,
                                       inputs_embeds=inputs_embeds, encoder=encoder)
     exit_cache = exit_cache.mark_valid(token_valid)
-    # The exit layers as one stacked "layers" tree, so `propagate_kv` batches over deeper exits.
+    # The exit layers as one per-layer "layers" tuple, so `propagate_kv` covers the deeper exits.
     exit_stack = None if not self.num_exits else {
-        'layers': jax.tree.map(lambda x: x[:, 0], exit_params['layers'])}
+        'layers': tuple(jax.tree.map(lambda x: x[0], e['layers']) for e in exit_params)}
     batch = token_valid.shape[0]
     s = _StepState(h=h, cache=cache, exit_cache=exit_cache, token=jnp.zeros(batch, jnp.int32),
                    exit_index=jnp.full(batch, self.num_exits, jnp.int32), decided=~active,
@@ -262,6 +262,7 @@ class EarlyExitDecoder:
 
   def _decode(self, lm_params, exit_params, thresholds, patience, prompt, prompt_valid, encoder):
     self._counters['traces'] += 1
+    lm_params, exit_params = self.prepare(lm_params, exit_params)  # no-op on prepared params
     chex.assert_shape(thresholds, (self.num_exits,))
     batch, prompt_length = prompt_valid.shape
     n = self.max_new_tokens
@@ -318,12 +319,22 @@ class EarlyExitDecoder:
   # ----------------------------------------------------------------------------------------------
   # Public entry points.
 
+  def prepare(self, lm_params: PyTree, exit_params: PyTree) -> tuple[PyTree, PyTree]:
+    """The decoding form of the params: per-layer and per-exit arrays (`lm_api.unstack_layers`).
+
+    Call once, outside jit, and pass the result to every decode: stacked params work too, but then
+    each call copies every layer's weights, the ones an early exit skips included.
+    """
+    lm_params = lm_api.unstack_layers(lm_params)
+    return lm_params, exits_lib.unstack_exits(exit_params) if self.num_exits else exit_params
+
   def compile(self, lm_params: PyTree, exit_params: PyTree, prompt: jax.Array,
               prompt_valid: jax.Array, encoder: Any = None) -> tuple[Any, float]:
     """The compiled executable for these input shapes (cached) and its compile time in seconds.
 
     Args:
-      lm_params, exit_params: backbone LM and exit parameters (`free_jax.exits`).
+      lm_params, exit_params: backbone LM and exit parameters (`free_jax.exits`), best in the
+        decoding form of `prepare`.
       prompt: int[B, P] token ids, or float[B, P, E] input embeddings (BLIP-2 OPT: the image
         prefix in place, `Blip2Model.prompt_embeddings`; T5: the decoder start token ids).
       prompt_valid: bool[B, P] real tokens (left padding).

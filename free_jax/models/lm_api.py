@@ -9,6 +9,8 @@ Conventions
 -----------
 * Layer parameters are *stacked*: ``lm_params['layers']`` is a pytree whose leaves have a leading
   axis of length L (number of decoder layers). ``slice_layers(tree, a, b)`` gives layers [a, b).
+  For decoding they may instead be a tuple of L per-layer trees (`unstack_layers`): every function
+  here and in the families accepts both.
 * A full (uncached) forward is a prefill into a fresh cache of length T: there is one attention
   code path, so cached decoding equals the full forward by construction of the masks, not by luck.
 * Prompts are left-padded, so a single write index serves the whole batch; per-row validity lives in
@@ -74,9 +76,40 @@ class KVCache:
     return self.replace(k=self.k.at[start:end].set(sub.k), v=self.v.at[start:end].set(sub.v))
 
 
-def slice_layers(stacked: PyTree, start: int, end: int) -> PyTree:
-  """Layers [start, end) of a stacked layer-parameter tree (static bounds)."""
-  return jax.tree.map(lambda x: x[start:end], stacked)
+def slice_layers(layers: PyTree, start: int, end: int) -> PyTree:
+  """Layers [start, end) (static bounds) as a stacked tree, from a stacked tree or a per-layer tuple.
+
+  From a per-layer tuple (`unstack_layers`) one layer costs nothing (a leading axis of 1 is a bitcast);
+  several are stacked, i.e. copied.
+  """
+  if isinstance(layers, tuple):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers[start:end])
+  return jax.tree.map(lambda x: x[start:end], layers)
+
+
+def map_layers(fn, layers: PyTree, start: int, end: int) -> PyTree:
+  """fn(one layer's params) for layers [start, end), outputs stacked on a new leading axis.
+
+  Vectorised over a stacked tree; one call per layer on a per-layer tuple, so no weight is copied.
+  """
+  if isinstance(layers, tuple):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[fn(p) for p in layers[start:end]])
+  return jax.vmap(fn)(slice_layers(layers, start, end))
+
+
+def unstack_layers(lm_params: PyTree) -> PyTree:
+  """`lm_params` with ``'layers'`` as a tuple of per-layer trees (a one-time copy, done outside jit).
+
+  For decoding: XLA materialises every static slice of a stacked weight as a copy and hoists the
+  copies of all layers out of a decode loop, so each decode call would first copy the whole LM (on
+  CPU, bfloat16 weights also converted to float32), including the layers an early exit skips.
+  Per-layer arrays are read in place. Training keeps the stacked form (it scans over layers).
+  """
+  layers = lm_params['layers']
+  if isinstance(layers, tuple):
+    return lm_params
+  count = jax.tree.leaves(layers)[0].shape[0]
+  return {**lm_params, 'layers': tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count))}
 
 
 def attention_mask(cache: KVCache, num_queries: int) -> jax.Array:

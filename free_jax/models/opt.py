@@ -252,7 +252,7 @@ class OPTStack:
                    start: int, end: int) -> lm_api.KVCache:
     del ctx
     kv = lambda p: self._layer.apply({'params': p}, h, method=OPTLayer.kv)
-    k, v = jax.vmap(kv)(lm_api.slice_layers(lm_params['layers'], start, end))
+    k, v = lm_api.map_layers(kv, lm_params['layers'], start, end)
     return write_layers_kv(cache, k, v, start)
 
   def final_features(self, lm_params: PyTree, h: jax.Array) -> jax.Array:

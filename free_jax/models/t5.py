@@ -60,7 +60,7 @@ import numpy as np
 
 from free_jax.models.hf_tensors import TensorSource, WeightsError, layer_norm, linear, stack_layers
 from free_jax.models.layers import scan_layers, write_layers_kv
-from free_jax.models.lm_api import KVCache, PyTree, attention_mask, begin_step, slice_layers
+from free_jax.models.lm_api import KVCache, PyTree, attention_mask, begin_step, map_layers, slice_layers
 from free_jax.models.t5_layers import (T5Config, T5DecoderLayer, T5EncoderLayer, position_bias,
                                        t5_norm)
 
@@ -307,7 +307,7 @@ class T5Stack:
     _check_range(start, end, self.num_layers)
     kv = lambda p: self.decoder_layer.apply({'params': p}, h.astype(self.dtype),
                                             method=T5DecoderLayer.self_key_value)
-    k, v = jax.vmap(kv)(slice_layers(lm_params['layers'], start, end))
+    k, v = map_layers(kv, lm_params['layers'], start, end)
     return write_layers_kv(cache, k, v, start)
 
   def final_features(self, lm_params: PyTree, h: jax.Array) -> jax.Array:

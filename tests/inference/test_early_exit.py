@@ -114,6 +114,30 @@ def test_always_exit_equals_first_exit_teacher_forced(family):
   assert (tokens != final.argmax(-1)).any()
 
 
+@pytest.mark.parametrize('family', sorted(CASES))
+def test_prepared_params_decode_the_same_without_copying_the_weights(family):
+  """The per-layer decoding form (`prepare`) gives the stacked params' tokens and exits (here at a threshold
+  that mixes depths, so propagation runs), and the compiled program holds no copy of the layer weights:
+  from stacked params XLA hoists a copy of every layer's slice out of the decode loop."""
+  stack, lm_params, exit_params, prompt, valid, encoder, decoder = _setup(family)
+  prepared = decoder.prepare(lm_params, exit_params)
+  assert isinstance(prepared[0]['layers'], tuple) and isinstance(prepared[1], tuple)
+  probe = decoder(lm_params, exit_params, prompt, valid, 0.0, encoder=encoder)
+  exit_logits, _ = _on_generated(stack, lm_params, exit_params, prompt, valid, encoder, np.asarray(probe.tokens))
+  thresholds = [float(np.median(confidence.max_prob(exit_logits[0]))), confidence.NEVER_EXIT]
+  stacked_out = decoder(lm_params, exit_params, prompt, valid, thresholds, encoder=encoder)
+  out = decoder(*prepared, prompt, valid, thresholds, encoder=encoder)
+  np.testing.assert_array_equal(out.tokens, stacked_out.tokens)
+  np.testing.assert_array_equal(out.exit_index, stacked_out.exit_index)
+  assert len(set(np.asarray(out.step_depth).tolist())) > 1  # several depths: propagation was exercised
+
+  def temp_bytes(params):
+    return decoder.compile(*params, prompt, valid, encoder)[0].memory_analysis().temp_size_in_bytes
+
+  layer_bytes = sum(x.nbytes for x in jax.tree.leaves(lm_params['layers']))
+  assert temp_bytes((lm_params, exit_params)) - temp_bytes(prepared) >= layer_bytes
+
+
 def test_first_exit_decisions_follow_confidence():
   # Exit 0 always runs on exact inputs, so wherever a token left there it is exit 0's teacher-forced
   # argmax, and it left there exactly when that confidence reached the threshold; the synchronous
