@@ -5,8 +5,8 @@ r"""Decoding throughput, full depth vs early exit: batch 1 and 8, compile times,
 
 With a finished training run in WORKDIR the trained LM and exits are timed (also at the threshold
 of WORKDIR/eval/summary.json, if evaluate.py ran); otherwise a random LM of the config's embedded
-shape. ``--opt2p7b`` adds a random BLIP-2-OPT-2.7B-shaped LM in bfloat16 (batch 1, a few tokens;
-about 6 GiB of parameters). Prompts are random ids of the model's prompt length, with no EOS, so
+shape. ``--opt2p7b`` adds a random BLIP-2-OPT-2.7B-shaped LM (batch 1, a few tokens; 5.3 GB of
+parameters in bfloat16, 10.6 GB in float32). Prompts are random ids of the model's prompt length, with no EOS, so
 every row decodes exactly eval.max_new_tokens tokens. Writes WORKDIR/bench/summary.json.
 """
 
@@ -30,6 +30,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; results go to WO
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Decoding batch sizes.')
 _OPT2P7B = flags.DEFINE_bool('opt2p7b', False, 'Also time a random BLIP-2-OPT-2.7B-shaped LM (bfloat16).')
 _LARGE_TOKENS = flags.DEFINE_integer('opt2p7b_new_tokens', 4, 'Tokens decoded by the 2.7B-shaped LM.')
+_LARGE_DTYPE = flags.DEFINE_enum('opt2p7b_dtype', 'bfloat16', ['bfloat16', 'float32'],
+                                 'Dtype of the 2.7B-shaped LM (CPUs have no bfloat16 matmul: XLA converts).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -77,8 +79,8 @@ def main(argv):
   if _OPT2P7B.value:
     large = benchmark.opt_2p7b_shape()
     layers = (8, 16, 24)
-    stack, lm_params, exit_params = benchmark.random_model(large, layers, jnp.bfloat16)
-    summary['opt2p7b'] = {'exit_layers': list(layers), 'dtype': 'bfloat16', **benchmark.benchmark_decoding(
+    stack, lm_params, exit_params = benchmark.random_model(large, layers, jnp.dtype(_LARGE_DTYPE.value))
+    summary['opt2p7b'] = {'exit_layers': list(layers), 'dtype': _LARGE_DTYPE.value, **benchmark.benchmark_decoding(
         stack, lm_params, exit_params, layers, batch_size=1, prompt_length=32 + 8,
         max_new_tokens=_LARGE_TOKENS.value, repeats=2, thresholds=(0.0, confidence.NEVER_EXIT))}
   summary['peak_memory'] = benchmark.peak_memory()

@@ -13,6 +13,7 @@ carrying the exits) and any given ones (e.g. the calibrated threshold of a train
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
@@ -71,7 +72,7 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
     with per decoder 'seconds' (median), 'tokens_per_s', 'compile_s' and, for early exit,
     'speedup' (full seconds / these), 'speedup_layers' and 'mean_exit_index'.
   """
-  vocab = prompt_vocab or jax.tree.leaves(lm_params)[0].shape[0]
+  vocab = prompt_vocab or stack.config.vocab_size
   ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
   valid = np.ones((batch_size, prompt_length), bool)
   common = dict(max_new_tokens=max_new_tokens, eos_token_id=None)
@@ -110,9 +111,17 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
 
 
 def random_model(config: OPTConfig, exit_layers: Sequence[int], dtype=jnp.float32, seed: int = 0):
-  """(stack, lm_params, exit_params) of a random OPT LM with exits copied from the next layers."""
+  """(stack, lm_params, exit_params) of a random OPT LM with exits copied from the next layers.
+
+  Both in the decoding form (`EarlyExitDecoder.prepare`), built one layer at a time: initialising
+  a stacked 2.7B-parameter tree at once needs several times its size in temporaries.
+  """
   stack = OPTStack(config, dtype)
-  lm_params = jax.jit(stack.init)(jax.random.PRNGKey(seed))
-  exit_params = exits_lib.init_exit_params(stack, lm_params, exit_layers)
-  exit_params = jax.tree.map(lambda x: x.astype(dtype), exit_params)
+  one_layer = OPTStack(dataclasses.replace(config, num_hidden_layers=1), dtype)
+  keys = jax.random.split(jax.random.PRNGKey(seed), config.num_hidden_layers + 1)
+  lm_params = jax.jit(one_layer.init)(keys[0])
+  init_layer = jax.jit(lambda key: jax.tree.map(lambda x: x[0], one_layer.init(key)['layers']))
+  lm_params['layers'] = tuple(init_layer(key) for key in keys[1:])
+  exit_params = tuple({'layers': jax.tree.map(lambda x: x[None], lm_params['layers'][layer])}
+                      for layer in exits_lib.validate_layers(exit_layers, config.num_hidden_layers))
   return stack, lm_params, exit_params
