@@ -12,9 +12,9 @@ One XLA program per (batch, prompt length, max_new_tokens) shape, compiled ahead
   state that entered exit i (backbone output after layer l_i) is projected to K/V for backbone
   layers [l_i, L) and for the deeper exits' own layers, in one batched `propagate_kv` each, so later
   tokens that go deep attend to something sensible. Every exit keeps its own KV cache, filled for
-  every token. By default the decode steps defer this work until a later step actually enters the
-  skipped layers, then do it batched over the pending tokens (`propagation`); the prefill's P
-  tokens are propagated at once.
+  every token. By default this work is deferred until a later step actually enters the skipped
+  layers, then done batched over the pending tokens (`propagation`), the prompt's included (a lazy
+  prefill: when no token goes deep, the prompt's deep K/V is never computed).
 * Batches use the synchronous policy: the batch goes deeper while any unfinished row is still
   unconfident; a row that was confident at an earlier exit keeps that exit's token (its deeper
   layers then run for real, so its deep KV is exact). Rows finish at their own EOS.
@@ -79,7 +79,8 @@ class _StepState:
   decided: jax.Array      # bool[B] token chosen (or the row does not need one)
   patience: conf_lib.PatienceState
   depth: jax.Array        # int32[] deepest exit reached
-  pending: propagation.Pending | None  # deferred propagation of decode steps (None: eager)
+  # Deferred propagation regions, (prompt,) in the prefill, (prompt, decode steps) after; None: eager.
+  pending: tuple[propagation.Pending, ...] | None
 
 
 def position_limit(stack: lm_api.DecoderStack) -> int | None:
@@ -202,7 +203,7 @@ class EarlyExitDecoder:
             s: _StepState) -> _StepState:
     """The step ends at exit i: propagate the exit's input state into everything skipped."""
     if s.pending is not None:  # deferred: remembered, written when a later step goes deeper
-      pending = s.pending.record(s.cache.index, s.h, i)
+      pending = (*s.pending[:-1], s.pending[-1].record(s.cache.index, s.h, i))  # the step's own region
       return s.replace(pending=pending, depth=jnp.asarray(i, jnp.int32))
     cache = self.stack.propagate_kv(lm_params, s.h, s.cache, ctx, self.exit_layers[i],
                                     self.stack.num_layers)
@@ -216,9 +217,12 @@ class EarlyExitDecoder:
     """Runs backbone segment i, then exit i and, unless every row is decided, segment i + 1."""
     bounds = (0, *self.exit_layers, self.stack.num_layers)
     if i and s.pending is not None:
-      pending, cache, exit_cache = propagation.materialise(self.stack, lm_params, exit_stack, s.pending, s.cache,
-                                                           s.exit_cache, ctx, i, bounds)
-      s = s.replace(pending=pending, cache=cache, exit_cache=exit_cache)
+      regions, cache, exit_cache = [], s.cache, s.exit_cache
+      for region in s.pending:
+        region, cache, exit_cache = propagation.materialise(self.stack, lm_params, exit_stack, region, cache,
+                                                            exit_cache, ctx, i, bounds)
+        regions.append(region)
+      s = s.replace(pending=tuple(regions), cache=cache, exit_cache=exit_cache)
     h, cache = s.h, s.cache
     # One layer at a time: XLA inlines one-trip scans, whereas a multi-layer scan copies its
     # parameter slice and carried cache on every step (measured ~1.7x slower on CPU).
@@ -274,14 +278,15 @@ class EarlyExitDecoder:
                           else jnp.full_like(thresholds, conf_lib.NEVER_EXIT))
     prefill_patience = patience if self.prefill == 'early_exit' else jnp.asarray(n + 10**6)
     active = jnp.ones(batch, bool)
-    # The prefill propagates eagerly: its P slots are one batched projection already.
-    token, exit_index, depth, cache, exit_cache, _ = self._step(
-        lm_params, exit_params, prefill_thresholds, prefill_patience, cache, exit_cache, None,
+    deferred = self.propagation == 'deferred' and self.num_exits
+    region = functools.partial(propagation.Pending.empty, batch, hidden=self.stack.hidden_size,
+                               num_segments=self.num_exits + 1, dtype=cache.k.dtype)
+    pending = (region(prompt_length, first_slot=0),) if deferred else None
+    token, exit_index, depth, cache, exit_cache, pending = self._step(
+        lm_params, exit_params, prefill_thresholds, prefill_patience, cache, exit_cache, pending,
         prompt_valid.astype(bool), active, encoder, **{prompt_key: prompt})
-    pending = None
-    if self.propagation == 'deferred' and self.num_exits:
-      pending = propagation.Pending.empty(batch, n, self.stack.hidden_size, self.num_exits + 1,
-                                          prompt_length, cache.k.dtype)
+    if deferred:
+      pending = (*pending, region(n, first_slot=prompt_length))
     tokens = jnp.full((batch, n), self.pad_token_id, jnp.int32).at[:, 0].set(token)
     exit_indices = jnp.full((batch, n), -1, jnp.int32).at[:, 0].set(exit_index)
     depths = jnp.full((n,), -1, jnp.int32).at[0].set(depth)

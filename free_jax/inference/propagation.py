@@ -4,14 +4,17 @@ State propagation (CALM) fills the KV cache of the layers a token skipped with K
 hidden state it exited with. Doing that eagerly costs, per early-exited token, two D x D projections
 for every skipped layer (about one whole layer for an exit in the first third of the model), mostly
 for nothing: when the following tokens exit early too, nobody reads those entries. Deferred
-propagation keeps the exit hidden states of the decode steps in a small buffer and, when a step
-enters a segment, first writes that segment's missing K/V for all pending slots in one batched
-projection (the weights are read once for all of them). The cache a layer reads is exactly what
-eager propagation would have written: same hidden states, same projections, only later.
+propagation keeps the exit hidden states in a buffer and, when a step enters a segment, first writes
+that segment's missing K/V for all pending slots in one batched projection (the weights are read
+once for all of them). The cache a layer reads is exactly what eager propagation would have
+written: same hidden states, same projections, only later.
 
-Slots are the decode steps' cache slots [first_slot, first_slot + N); segments are the backbone layer
-ranges between exits (`early_exit.EarlyExitDecoder`): segment j = layers [bounds[j], bounds[j + 1]),
-followed by exit j (j < E).
+A `Pending` covers a region of cache slots [first_slot, first_slot + n): the decoder keeps one for
+the prompt (a lazy prefill: when no token goes deep, the prompt's deep K/V is never computed) and one
+for the decode steps, so a deep step re-projects only the small decode region, and the prompt's at
+most once per segment. Segments are the backbone layer ranges between exits
+(`early_exit.EarlyExitDecoder`): segment j = layers [bounds[j], bounds[j + 1]), followed by exit j
+(j < E).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ class Pending:
   """Exit hidden states of the decode steps and which segments still lack their K/V.
 
   Attributes:
-    h: float[B, N, D] hidden state each decode slot exited with.
-    missing: bool[E + 1, N] segment j (and exit j) has no K/V yet for slot first_slot + n.
-    first_slot: static cache slot of the first decode step.
+    h: float[B, n, D] hidden state each slot of the region exited with.
+    missing: bool[E + 1, n] segment j (and exit j) has no K/V yet for slot first_slot + i.
+    first_slot: static first cache slot of the region.
   """
 
   h: jax.Array
@@ -48,10 +51,14 @@ class Pending:
                missing=jnp.zeros((num_segments, num_slots), bool), first_slot=first_slot)
 
   def record(self, slot: jax.Array, h: jax.Array, depth: int) -> 'Pending':
-    """A step at cache slot `slot` stopped at exit `depth` with h float[B, 1, D]: segments > depth wait."""
+    """A step that wrote slots [slot, slot + T) (inside this region) stopped at exit `depth` with
+    h float[B, T, D]: their segments after `depth` wait for K/V."""
     offset = slot - self.first_slot
+    region = jnp.arange(self.missing.shape[1])
+    written = (region >= offset) & (region < offset + h.shape[1])
+    later = jnp.arange(self.missing.shape[0]) > depth
     return self.replace(h=jax.lax.dynamic_update_slice(self.h, h.astype(self.h.dtype), (0, offset, 0)),
-                        missing=self.missing.at[depth + 1:, offset].set(True))
+                        missing=self.missing | (later[:, None] & written[None, :]))
 
 
 def write_masked(stack: lm_api.DecoderStack, params: PyTree, pending: Pending, cache: lm_api.KVCache,
