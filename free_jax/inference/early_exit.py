@@ -217,12 +217,9 @@ class EarlyExitDecoder:
     """Runs backbone segment i, then exit i and, unless every row is decided, segment i + 1."""
     bounds = (0, *self.exit_layers, self.stack.num_layers)
     if i and s.pending is not None:
-      regions, cache, exit_cache = [], s.cache, s.exit_cache
-      for region in s.pending:
-        region, cache, exit_cache = propagation.materialise(self.stack, lm_params, exit_stack, region, cache,
-                                                            exit_cache, ctx, i, bounds)
-        regions.append(region)
-      s = s.replace(pending=tuple(regions), cache=cache, exit_cache=exit_cache)
+      pending, cache, exit_cache = propagation.materialise(self.stack, lm_params, exit_stack, s.pending, s.cache,
+                                                           s.exit_cache, ctx, i, bounds)
+      s = s.replace(pending=pending, cache=cache, exit_cache=exit_cache)
     h, cache = s.h, s.cache
     # One layer at a time: XLA inlines one-trip scans, whereas a multi-layer scan copies its
     # parameter slice and carried cache on every step (measured ~1.7x slower on CPU).

@@ -73,19 +73,38 @@ def write_masked(stack: lm_api.DecoderStack, params: PyTree, pending: Pending, c
   return cache.replace(k=merge(cache.k, new.k), v=merge(cache.v, new.v))
 
 
-def materialise(stack: lm_api.DecoderStack, lm_params: PyTree, exit_stack: PyTree | None, pending: Pending,
-                cache: lm_api.KVCache, exit_cache: lm_api.KVCache, ctx: PyTree, segment: int,
-                bounds: tuple[int, ...]) -> tuple[Pending, lm_api.KVCache, lm_api.KVCache]:
-  """Before a step runs `segment`: writes its (and its exit's) missing K/V; skipped when none is missing."""
-  mask = pending.missing[segment]
-  num_exits = len(bounds) - 2
+def _window(params: PyTree, start: int, end: int) -> PyTree:
+  """`params` with only layers [start, end) (free on the per-layer tuples of the decoding form)."""
+  layers = params['layers']
+  return {**params, 'layers': layers[start:end] if isinstance(layers, tuple) else lm_api.slice_layers(layers, start, end)}
 
-  def write(caches):
-    cache, exit_cache = caches
-    cache = write_masked(stack, lm_params, pending, cache, ctx, bounds[segment], bounds[segment + 1], mask)
-    if segment < num_exits:
-      exit_cache = write_masked(stack, exit_stack, pending, exit_cache, ctx, segment, segment + 1, mask)
-    return cache, exit_cache
 
-  cache, exit_cache = jax.lax.cond(jnp.any(mask), write, lambda caches: caches, (cache, exit_cache))
-  return pending.replace(missing=pending.missing.at[segment].set(False)), cache, exit_cache
+def materialise(stack: lm_api.DecoderStack, lm_params: PyTree, exit_stack: PyTree | None,
+                regions: tuple[Pending, ...], cache: lm_api.KVCache, exit_cache: lm_api.KVCache, ctx: PyTree,
+                segment: int, bounds: tuple[int, ...]) -> tuple[tuple[Pending, ...], lm_api.KVCache, lm_api.KVCache]:
+  """Before a step runs `segment`: writes its (and its exit's) missing K/V in every region.
+
+  One `lax.cond` for all regions, skipped when nothing is missing, whose operands are only the
+  segment's layers of the caches: a conditional passes its operands through, and on CPU a whole
+  cache per segment costs more than a small model's layer.
+  """
+  start, end = bounds[segment], bounds[segment + 1]
+  has_exit = segment < len(bounds) - 2
+
+  def write(subs):
+    sub, exit_sub = subs
+    for region in regions:
+      mask = region.missing[segment]
+      sub = write_masked(stack, _window(lm_params, start, end), region, sub, ctx, 0, end - start, mask)
+      if has_exit:
+        exit_sub = write_masked(stack, _window(exit_stack, segment, segment + 1), region, exit_sub, ctx, 0, 1, mask)
+    return sub, exit_sub
+
+  anything_missing = jnp.any(jnp.stack([jnp.any(region.missing[segment]) for region in regions]))
+  subs = (cache.layers(start, end), exit_cache.layers(segment, segment + 1) if has_exit else None)
+  sub, exit_sub = jax.lax.cond(anything_missing, write, lambda subs: subs, subs)
+  cache = cache.with_layers(start, sub)
+  if has_exit:
+    exit_cache = exit_cache.with_layers(segment, exit_sub)
+  regions = tuple(region.replace(missing=region.missing.at[segment].set(False)) for region in regions)
+  return regions, cache, exit_cache
