@@ -74,15 +74,16 @@ def write_masked(stack: lm_api.DecoderStack, params: PyTree, pending: Pending, c
 
 
 def _window(params: PyTree, start: int, end: int) -> PyTree:
-  """`params` with only layers [start, end) (free on the per-layer tuples of the decoding form)."""
-  layers = params['layers']
-  return {**params, 'layers': layers[start:end] if isinstance(layers, tuple) else lm_api.slice_layers(layers, start, end)}
+  """`params` (decoding form: a per-layer ``'layers'`` tuple) with only layers [start, end), copy-free."""
+  return {**params, 'layers': params['layers'][start:end]}
 
 
 def materialise(stack: lm_api.DecoderStack, lm_params: PyTree, exit_stack: PyTree | None,
                 regions: tuple[Pending, ...], cache: lm_api.KVCache, exit_cache: lm_api.KVCache, ctx: PyTree,
                 segment: int, bounds: tuple[int, ...]) -> tuple[tuple[Pending, ...], lm_api.KVCache, lm_api.KVCache]:
   """Before a step runs `segment`: writes its (and its exit's) missing K/V in every region.
+
+  `lm_params` and `exit_stack` are in the decoding form (`EarlyExitDecoder.prepare`).
 
   One `lax.cond` for all regions, skipped when nothing is missing, whose operands are only the
   segment's layers of the caches: a conditional passes its operands through, and on CPU a whole
