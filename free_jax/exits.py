@@ -109,8 +109,22 @@ def unstack_exits(exit_params: PyTree) -> tuple:
   return tuple(exit_slice(exit_params, e) for e in range(num_exits(exit_params)))
 
 
+def exit_logits(stack: lm_api.DecoderStack, lm_params: PyTree, one_exit: PyTree,
+                out: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Exit classifier on exit-transformer outputs float[B, T, D]: (features float[B, T, F], logits float[B, T, V]).
+
+  Decoding calls it on the one position it scores: the head is the largest matmul of a small model.
+  """
+  features = stack.final_features(lm_params, out)
+  logits = stack.logits(lm_params, features)
+  if 'head' in one_exit:
+    logits = logits + (features.astype(jnp.float32) @ one_exit['head']['kernel']).astype(logits.dtype)
+  return features, logits
+
+
 def apply_exit(stack: lm_api.DecoderStack, lm_params: PyTree, one_exit: PyTree, h: jax.Array,
-               cache: lm_api.KVCache, ctx: PyTree) -> tuple[jax.Array, jax.Array, lm_api.KVCache]:
+               cache: lm_api.KVCache, ctx: PyTree, cross_kv: Any = None
+               ) -> tuple[jax.Array, jax.Array, lm_api.KVCache]:
   """Runs one exit (`exit_slice`) on the hidden state that leaves its backbone layer.
 
   Args:
@@ -119,18 +133,16 @@ def apply_exit(stack: lm_api.DecoderStack, lm_params: PyTree, one_exit: PyTree, 
     h: float[B, T, D] backbone hidden state after layers [0, l).
     cache: this exit's own one-layer KV cache (marked valid for the T tokens).
     ctx: the backbone's `make_context` for the same cache shape and write index.
+    cross_kv: the exit layer's `stack.layer_constants` (T5: cross-attention K/V), computed once per
+      encoder output; None computes them here.
 
   Returns:
     (features float[B, T, F] = final_features of the exit transformer output,
      logits float[B, T, V] of the exit classifier, updated cache).
   """
   chex.assert_rank(h, 3)
-  out, _, cache = stack.apply_layers(one_exit['layers'], h, cache, ctx)
-  features = stack.final_features(lm_params, out)
-  logits = stack.logits(lm_params, features)
-  if 'head' in one_exit:
-    logits = logits + (features.astype(jnp.float32) @ one_exit['head']['kernel']).astype(logits.dtype)
-  return features, logits, cache
+  out, _, cache = stack.apply_layers(one_exit['layers'], h, cache, ctx, cross_kv=cross_kv)
+  return (*exit_logits(stack, lm_params, one_exit, out), cache)
 
 
 def apply_exits(stack: lm_api.DecoderStack, lm_params: PyTree, exit_params: PyTree,

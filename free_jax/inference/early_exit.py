@@ -4,27 +4,27 @@ One XLA program per (batch, prompt length, max_new_tokens) shape, compiled ahead
 
 * a step (the prompt prefill, then one token at a time in a `lax.while_loop`) runs the backbone in
   segments [0, l_1), [l_1, l_2), ..., [l_E, L). After segment i, exit i (its transformer layer and
-  classifier, `free_jax.exits.apply_exit`) scores the step's last position; the token takes exit i's
-  argmax if its confidence >= threshold i. Deeper segments sit in nested `lax.cond`s whose predicate
-  is a scalar, so they are really skipped, not computed and masked (never `vmap` this decision).
-* Thresholds (one per exit) and the patience k are traced arguments: a sweep never recompiles.
-* KV of skipped layers (state propagation, as in CALM): when a step stops at exit i, the hidden
-  state that entered exit i (backbone output after layer l_i) is projected to K/V for backbone
-  layers [l_i, L) and for the deeper exits' own layers, in one batched `propagate_kv` each, so later
-  tokens that go deep attend to something sensible. Every exit keeps its own KV cache, filled for
-  every token. By default this work is deferred until a later step actually enters the skipped
-  layers, then done batched over the pending tokens (`propagation`), the prompt's included (a lazy
-  prefill: when no token goes deep, the prompt's deep K/V is never computed).
+  classifier, `free_jax.exits`) scores the step's last position; the token takes exit i's argmax if
+  its confidence >= threshold i. Deeper segments sit in nested `lax.cond`s whose predicate is a
+  scalar, so they are really skipped, not computed and masked (never `vmap` this decision).
+* Thresholds (one per exit), the patience k and an optional per-step depth schedule are traced
+  arguments: a sweep never recompiles.
+* KV caches are one array per layer (`lm_api.KVCache`, the per-layer form), updated in place, so a
+  step copies no cache; the params are per-layer too (`prepare`).
+* The K/V of skipped layers are filled in when a later step first enters them (`propagation`):
+  by default exactly, the skipped slots running through the real layers batched with the current
+  token (``propagation='recompute'``), or projected from the exit state as in CALM (``'calm'``). The
+  prompt's deep layers are deferred the same way (a lazy prefill).
 * Batches use the synchronous policy: the batch goes deeper while any unfinished row is still
   unconfident; a row that was confident at an earlier exit keeps that exit's token (its deeper
   layers then run for real, so its deep KV is exact). Rows finish at their own EOS.
 * The prompt prefill is a step like the others (``prefill='early_exit'``, default): its first
-  answer token may exit early, and the prompt's deep KV is then propagated. ``prefill='full'``
-  always runs the prompt through every layer (the first token is then full depth).
+  answer token may exit early. ``prefill='full'`` runs the prompt through every layer.
+* Exit classifiers score only the position they decide on (the prefill's last one).
 
 Token-for-token, threshold > 1 (`confidence.NEVER_EXIT`) is the full-depth cached greedy decode;
-threshold 0 gives exit 0's teacher-forced prediction for every token (deeper caches are written by
-propagation but never read).
+threshold 0 gives exit 0's teacher-forced prediction for every token; under ``'recompute'`` every step
+that reaches the final layer gives the full model's logits for its prefix, whatever the earlier steps did.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ from free_jax import exits as exits_lib
 from free_jax.inference import confidence as conf_lib
 from free_jax.inference import propagation
 from free_jax.models import lm_api
+from free_jax.models.layers import layer_at
 
 PyTree = Any
 PREFILL_MODES = ('early_exit', 'full')
-PROPAGATION_MODES = ('deferred', 'eager')
+PROPAGATION_MODES = propagation.MODES
 
 
 @flax.struct.dataclass
@@ -61,26 +62,40 @@ class DecodeOutput:
     step_depth: int32[N] deepest exit the (synchronous) batch reached in each step (E = final
       layer); -1 for steps not run. Step 0 is the prompt prefill.
     num_steps: int32[] steps run (<= N; fewer when every row hit EOS).
+    segment_passes: int32[E + 1] passes over each segment's weights (a step's own pass, and the
+      catch-up passes of deferred computation: `propagation`); the cost model reads it.
   """
 
   tokens: jax.Array
   exit_index: jax.Array
   step_depth: jax.Array
   num_steps: jax.Array
+  segment_passes: jax.Array
 
 
 @flax.struct.dataclass
 class _StepState:
   h: jax.Array            # float[B, T, D] current hidden state
-  cache: lm_api.KVCache   # backbone, L layers
+  cache: lm_api.KVCache   # backbone, L layers (per-layer form)
   exit_cache: lm_api.KVCache  # one layer per exit
+  deferred: propagation.Deferred | None  # None without exits
   token: jax.Array        # int32[B]
   exit_index: jax.Array   # int32[B]
   decided: jax.Array      # bool[B] token chosen (or the row does not need one)
   patience: conf_lib.PatienceState
   depth: jax.Array        # int32[] deepest exit reached
-  # Deferred propagation regions, (prompt,) in the prefill, (prompt, decode steps) after; None: eager.
-  pending: tuple[propagation.Pending, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """The traced inputs of one decode call that every step reads (a trace-time container)."""
+
+  lm_params: PyTree
+  exit_params: tuple       # per exit: {'layers': leaves [1, ...], optionally 'head'}
+  exit_constants: tuple    # per exit: `stack.layer_constants` (T5 cross K/V), once per call
+  encoder: Any
+  patience: jax.Array
+  prompt_length: int
 
 
 def position_limit(stack: lm_api.DecoderStack) -> int | None:
@@ -114,9 +129,9 @@ class EarlyExitDecoder:
     confidence: one of `configs.CONFIDENCE_MEASURES` ('max_prob', 'top2_margin', 'entropy',
       'patience').
     prefill: one of PREFILL_MODES (module docstring).
-    propagation: 'deferred' (default; `propagation` module: the decode steps' skipped K/V are
-      written, batched, only when a later step enters those layers) or 'eager' (written by the
-      step that skipped them). Both give the same cache contents wherever they are read.
+    propagation: how the K/V of skipped layers are filled in when a later step enters them
+      (`propagation`): 'recompute' (default, exact) or 'calm' (projected from the exit state).
+    catch_up_window: W, decode slots caught up per pass over a segment's weights.
   """
 
   stack: Any
@@ -126,7 +141,8 @@ class EarlyExitDecoder:
   pad_token_id: int = 0
   confidence: str = 'max_prob'
   prefill: str = 'early_exit'
-  propagation: str = 'deferred'
+  propagation: str = 'recompute'
+  catch_up_window: int = 8
   # Compiled executables by input shape; `traces` counts Python traces (tests assert no retrace).
   _compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
   _counters: dict = dataclasses.field(default_factory=lambda: {'traces': 0}, compare=False,
@@ -142,6 +158,9 @@ class EarlyExitDecoder:
       conf_lib.get_confidence_fn(self.confidence)
     if self.propagation not in PROPAGATION_MODES:
       raise ValueError(f'propagation={self.propagation!r}; expected one of {PROPAGATION_MODES}')
+    if isinstance(self.catch_up_window, bool) or not isinstance(self.catch_up_window, int) or (
+        self.catch_up_window < 1):
+      raise ValueError(f'catch_up_window={self.catch_up_window!r} must be a positive integer')
     if self.prefill not in PREFILL_MODES:
       raise ValueError(f'prefill={self.prefill!r}; expected one of {PREFILL_MODES}')
     if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or (
@@ -185,105 +204,167 @@ class EarlyExitDecoder:
   # ----------------------------------------------------------------------------------------------
   # The traced program.
 
+  @property
+  def _bounds(self) -> tuple[int, ...]:
+    return (0, *self.exit_layers, self.stack.num_layers)
+
   def _exit_decision(self, i: int, logits: jax.Array, s: _StepState, thresholds: jax.Array,
-                     patience: jax.Array) -> _StepState:
-    """Exit i's vote on float[B, V] last-position logits; undecided confident rows take it."""
+                     patience: jax.Array, forced: jax.Array) -> _StepState:
+    """Exit i's vote on float[B, V] last-position logits; undecided confident rows take it.
+
+    `forced` int32[] >= 0 overrides the confidence: the step stops at exit `forced` (a replayed
+    schedule; E = never exit).
+    """
     prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     state = s.patience
     if self.confidence == 'patience':
       state, fire = conf_lib.patience_update(state, prediction, patience)
     else:
       fire = conf_lib.get_confidence_fn(self.confidence)(logits) >= thresholds[i]
-    fire &= ~s.decided
+    fire = jnp.where(forced >= 0, i >= forced, fire) & ~s.decided
     return s.replace(token=jnp.where(fire, prediction, s.token),
                      exit_index=jnp.where(fire, i, s.exit_index), decided=s.decided | fire,
                      patience=state)
 
-  def _stop(self, i: int, lm_params: PyTree, exit_stack: PyTree, ctx: PyTree,
-            s: _StepState) -> _StepState:
-    """The step ends at exit i: propagate the exit's input state into everything skipped."""
-    if s.pending is not None:  # deferred: remembered, written when a later step goes deeper
-      pending = (*s.pending[:-1], s.pending[-1].record(s.cache.index, s.h, i))  # the step's own region
-      return s.replace(pending=pending, depth=jnp.asarray(i, jnp.int32))
-    cache = self.stack.propagate_kv(lm_params, s.h, s.cache, ctx, self.exit_layers[i],
-                                    self.stack.num_layers)
-    exit_cache = s.exit_cache
-    if i + 1 < self.num_exits:
-      exit_cache = self.stack.propagate_kv(exit_stack, s.h, exit_cache, ctx, i + 1, self.num_exits)
-    return s.replace(cache=cache, exit_cache=exit_cache, depth=jnp.asarray(i, jnp.int32))
+  def _run_fn(self, i: int, call: _Call) -> propagation.RunFn:
+    """Segment i's backbone layers, then exit i's layer (i < E), on any positions of the caches."""
+    start, end = self._bounds[i], self._bounds[i + 1]
 
-  def _segment(self, i: int, lm_params: PyTree, exit_params: PyTree, exit_stack: PyTree,
-               ctx: PyTree, thresholds: jax.Array, patience: jax.Array, s: _StepState) -> _StepState:
-    """Runs backbone segment i, then exit i and, unless every row is decided, segment i + 1."""
-    bounds = (0, *self.exit_layers, self.stack.num_layers)
-    if i and s.pending is not None:
-      pending, cache, exit_cache = propagation.materialise(self.stack, lm_params, exit_stack, s.pending, s.cache,
-                                                           s.exit_cache, ctx, i, bounds)
-      s = s.replace(pending=pending, cache=cache, exit_cache=exit_cache)
-    h, cache = s.h, s.cache
-    # One layer at a time: XLA inlines one-trip scans, whereas a multi-layer scan copies its
-    # parameter slice and carried cache on every step (measured ~1.7x slower on CPU).
-    for layer in range(bounds[i], bounds[i + 1]):
-      h, _, cache = self.stack.run_layers(lm_params, h, cache, ctx, layer, layer + 1)
-    s = s.replace(h=h, cache=cache)
-    if i == self.num_exits:  # the final layer answers every row still undecided
-      features = self.stack.final_features(lm_params, h[:, -1:])
-      final = jnp.argmax(self.stack.logits(lm_params, features)[:, 0], axis=-1).astype(jnp.int32)
-      return s.replace(token=jnp.where(s.decided, s.token, final),
-                       exit_index=jnp.where(s.decided, s.exit_index, i),
-                       decided=jnp.ones_like(s.decided), depth=jnp.asarray(i, jnp.int32))
-    one_exit = exits_lib.exit_slice(exit_params, i)
-    _, logits, sub = exits_lib.apply_exit(self.stack, lm_params, one_exit, h,
-                                          s.exit_cache.layers(i, i + 1), ctx)
-    s = s.replace(exit_cache=s.exit_cache.with_layers(i, sub))
-    s = self._exit_decision(i, logits[:, -1], s, thresholds, patience)
-    deeper = functools.partial(self._segment, i + 1, lm_params, exit_params, exit_stack, ctx,
-                               thresholds, patience)
-    stop = functools.partial(self._stop, i, lm_params, exit_stack, ctx)
-    return jax.lax.cond(jnp.all(s.decided), stop, deeper, s)
+    def run(h, caches, ctx):
+      cache, exit_cache = caches
+      h, _, cache = self.stack.run_layers(call.lm_params, h, cache, ctx, start, end)
+      exit_out = None
+      if i < self.num_exits:
+        exit_out, _, sub = self.stack.apply_layers(call.exit_params[i]['layers'], h, exit_cache.layers(i, i + 1),
+                                                   ctx, cross_kv=call.exit_constants[i])
+        exit_cache = exit_cache.with_layers(i, sub)
+      return h, exit_out, (cache, exit_cache)
 
-  def _step(self, lm_params, exit_params, thresholds, patience, cache, exit_cache, pending, token_valid,
-            active, encoder, input_ids=None, inputs_embeds=None):
-    """One step (prefill or one token): (token, exit_index, depth, cache, exit_cache, pending)."""
-    h, cache, ctx = lm_api.begin_step(self.stack, lm_params, cache, token_valid, input_ids=input_ids,
-                                      inputs_embeds=inputs_embeds, encoder=encoder)
+    return run
+
+  def _project_fn(self, i: int, call: _Call) -> propagation.ProjectFn:
+    """CALM: segment i's (and exit i's) K/V projected from a hidden state."""
+    start, end = self._bounds[i], self._bounds[i + 1]
+    exit_stack = {'layers': tuple(layer_at(e['layers'], 0) for e in call.exit_params)}
+
+    def project(h, caches):
+      cache, exit_cache = caches
+      cache = self.stack.propagate_kv(call.lm_params, h, cache, None, start, end)
+      if i < self.num_exits:
+        exit_cache = self.stack.propagate_kv(exit_stack, h, exit_cache, None, i, i + 1)
+      return cache, exit_cache
+
+    return project
+
+  def _context_fn(self, call: _Call) -> propagation.ContextFn:
+    def context(cache, num_queries):
+      positions = lm_api.token_positions(cache, num_queries)
+      return self.stack.make_context(call.lm_params, cache, positions, call.encoder)
+    return context
+
+  def _segment(self, i: int, call: _Call, ctx: PyTree, prefill: bool, thresholds: jax.Array,
+               forced: jax.Array, s: _StepState) -> _StepState:
+    """Backbone segment i (after catching up what it is missing), then exit i's decision."""
+    run = self._run_fn(i, call)
+    caches = (s.cache, s.exit_cache)
+    if i and s.deferred is not None and not prefill:
+      deferred, caches, h, exit_out = propagation.enter(
+          i, s.deferred, caches, s.h, ctx, run, self._project_fn(i, call), self._context_fn(call),
+          mode=self.propagation, prompt_length=call.prompt_length if self.prefill == 'early_exit' else 0,
+          window=self.catch_up_window, has_exit=i < self.num_exits)
+    else:
+      h, exit_out, caches = run(s.h, caches, ctx)
+      deferred = s.deferred
+      if deferred is not None:
+        deferred = deferred.ran(i, s.cache.index + s.h.shape[1])
+    s = s.replace(h=h, cache=caches[0], exit_cache=caches[1], deferred=deferred,
+                  depth=jnp.asarray(i, jnp.int32))
+    if i == self.num_exits:  # the final head runs in its own conditional (`_segments`)
+      return s
+    _, logits = exits_lib.exit_logits(self.stack, call.lm_params, call.exit_params[i], exit_out[:, -1:])
+    s = self._exit_decision(i, logits[:, 0], s, thresholds, call.patience, forced)
+    if s.deferred is not None:  # in case the step stops here
+      s = s.replace(deferred=s.deferred.record(s.cache.index, s.h))
+    return s
+
+  def _segments(self, call: _Call, ctx: PyTree, prefill: bool, thresholds: jax.Array, forced: jax.Array,
+                s: _StepState) -> _StepState:
+    """Segment 0, then each deeper segment under its own conditional, run while any row is undecided.
+
+    The conditionals follow each other instead of nesting, and each carries only its segment's layers
+    of the caches: XLA copies a buffer that a conditional passes through in one branch and updates in
+    another unless the pass-through is branch 0 and the buffer is not threaded through enclosing
+    conditionals too (`propagation.branch`).
+    """
+    s = self._segment(0, call, ctx, prefill, thresholds, forced, s)
+    for i in range(1, self.num_exits + 1):
+      layers = range(self._bounds[i], self._bounds[i + 1])
+      own = lambda xs, keep: tuple(x if j in keep else None for j, x in enumerate(xs))
+      exits_kept = {i} if i < self.num_exits else set()
+      sub = s.replace(cache=s.cache.replace(k=own(s.cache.k, layers), v=own(s.cache.v, layers)),
+                      exit_cache=s.exit_cache.replace(k=own(s.exit_cache.k, exits_kept),
+                                                      v=own(s.exit_cache.v, exits_kept)))
+      segment = functools.partial(self._segment, i, call, ctx, prefill, thresholds, forced)
+      sub = propagation.branch(~jnp.all(s.decided), segment, lambda s: s, sub)
+      merge = lambda new, old: tuple(o if n is None else n for n, o in zip(new, old))
+      s = sub.replace(cache=sub.cache.replace(k=merge(sub.cache.k, s.cache.k), v=merge(sub.cache.v, s.cache.v)),
+                      exit_cache=sub.exit_cache.replace(k=merge(sub.exit_cache.k, s.exit_cache.k),
+                                                        v=merge(sub.exit_cache.v, s.exit_cache.v)))
+    # The final head answers every row still undecided. Outside the last segment's conditional: with the
+    # head inside, XLA copies that segment's caches at every step.
+    return propagation.branch(~jnp.all(s.decided), functools.partial(self._final_head, call), lambda s: s, s)
+
+  def _final_head(self, call: _Call, s: _StepState) -> _StepState:
+    features = self.stack.final_features(call.lm_params, s.h[:, -1:])
+    final = jnp.argmax(self.stack.logits(call.lm_params, features)[:, 0], axis=-1).astype(jnp.int32)
+    return s.replace(token=jnp.where(s.decided, s.token, final),
+                     exit_index=jnp.where(s.decided, s.exit_index, self.num_exits),
+                     decided=jnp.ones_like(s.decided))
+
+  def _step(self, call: _Call, cache, exit_cache, deferred, token_valid, active, thresholds, forced,
+            prefill: bool, input_ids=None, inputs_embeds=None):
+    """One step (prefill or one token): (token, exit_index, depth, cache, exit_cache, deferred)."""
+    h, cache, ctx = lm_api.begin_step(self.stack, call.lm_params, cache, token_valid, input_ids=input_ids,
+                                      inputs_embeds=inputs_embeds, encoder=call.encoder)
     exit_cache = exit_cache.mark_valid(token_valid)
-    # The exit layers as one per-layer "layers" tuple, so `propagate_kv` covers the deeper exits.
-    exit_stack = None if not self.num_exits else {
-        'layers': tuple(jax.tree.map(lambda x: x[0], e['layers']) for e in exit_params)}
     batch = token_valid.shape[0]
-    s = _StepState(h=h, cache=cache, exit_cache=exit_cache, token=jnp.zeros(batch, jnp.int32),
-                   exit_index=jnp.full(batch, self.num_exits, jnp.int32), decided=~active,
-                   patience=conf_lib.PatienceState.init((batch,)), depth=jnp.asarray(-1, jnp.int32),
-                   pending=pending)
-    s = self._segment(0, lm_params, exit_params, exit_stack, ctx, thresholds, patience, s)
+    s = _StepState(h=h, cache=cache, exit_cache=exit_cache, deferred=deferred,
+                   token=jnp.zeros(batch, jnp.int32), exit_index=jnp.full(batch, self.num_exits, jnp.int32),
+                   decided=~active, patience=conf_lib.PatienceState.init((batch,)),
+                   depth=jnp.asarray(-1, jnp.int32))
+    s = self._segments(call, ctx, prefill, thresholds, forced, s)
     steps = token_valid.shape[1]
-    return (s.token, s.exit_index, s.depth, s.cache.advance(steps), s.exit_cache.advance(steps),
-            s.pending)
+    return (s.token, s.exit_index, s.depth, s.cache.advance(steps), s.exit_cache.advance(steps), s.deferred)
 
-  def _decode(self, lm_params, exit_params, thresholds, patience, prompt, prompt_valid, encoder):
+  def _decode(self, lm_params, exit_params, thresholds, patience, schedule, prompt, prompt_valid, encoder,
+              with_cache: bool = False):
     self._counters['traces'] += 1
     lm_params, exit_params = self.prepare(lm_params, exit_params)  # no-op on prepared params
     chex.assert_shape(thresholds, (self.num_exits,))
+    if hasattr(encoder, 'unstacked'):  # T5: per-layer cross K/V, read in place
+      encoder = encoder.unstacked()
+    exit_params = exit_params if self.num_exits else ()
+    call = _Call(lm_params=lm_params, exit_params=exit_params,
+                 exit_constants=tuple(self.stack.layer_constants(e['layers'], encoder) for e in exit_params),
+                 encoder=encoder, patience=patience, prompt_length=prompt_valid.shape[1])
     batch, prompt_length = prompt_valid.shape
     n = self.max_new_tokens
-    cache = self.stack.init_cache(batch, prompt_length + n)
-    exit_cache = lm_api.KVCache.zeros(self.num_exits, batch, prompt_length + n, self.stack.num_heads,
-                                      self.stack.head_dim, cache.k.dtype)
+    # Catch-up windows may write up to W slots past the current one (`propagation`): spare slots.
+    length = prompt_length + n + (self.catch_up_window if self.num_exits else 0)
+    cache = self.stack.init_cache(batch, length, per_layer=True)
+    exit_cache = lm_api.KVCache.zeros(self.num_exits, batch, length, self.stack.num_heads,
+                                      self.stack.head_dim, cache.dtype, per_layer=True)
+    deferred = (propagation.Deferred.empty(batch, length, self.stack.hidden_size, self.num_exits + 1, cache.dtype)
+                if self.num_exits else None)
     prompt_key = 'input_ids' if jnp.issubdtype(prompt.dtype, jnp.integer) else 'inputs_embeds'
     prefill_thresholds = (thresholds if self.prefill == 'early_exit'
                           else jnp.full_like(thresholds, conf_lib.NEVER_EXIT))
-    prefill_patience = patience if self.prefill == 'early_exit' else jnp.asarray(n + 10**6)
-    active = jnp.ones(batch, bool)
-    deferred = self.propagation == 'deferred' and self.num_exits
-    region = functools.partial(propagation.Pending.empty, batch, hidden=self.stack.hidden_size,
-                               num_segments=self.num_exits + 1, dtype=cache.k.dtype)
-    pending = (region(prompt_length, first_slot=0),) if deferred else None
-    token, exit_index, depth, cache, exit_cache, pending = self._step(
-        lm_params, exit_params, prefill_thresholds, prefill_patience, cache, exit_cache, pending,
-        prompt_valid.astype(bool), active, encoder, **{prompt_key: prompt})
-    if deferred:
-      pending = (*pending, region(n, first_slot=prompt_length))
+    prefill_call = call if self.prefill == 'early_exit' else dataclasses.replace(
+        call, patience=jnp.asarray(n + 10**6))
+    prefill_forced = schedule[0] if self.prefill == 'early_exit' else jnp.asarray(-1, jnp.int32)
+    token, exit_index, depth, cache, exit_cache, deferred = self._step(
+        prefill_call, cache, exit_cache, deferred, prompt_valid.astype(bool), jnp.ones(batch, bool),
+        prefill_thresholds, prefill_forced, True, **{prompt_key: prompt})
     tokens = jnp.full((batch, n), self.pad_token_id, jnp.int32).at[:, 0].set(token)
     exit_indices = jnp.full((batch, n), -1, jnp.int32).at[:, 0].set(exit_index)
     depths = jnp.full((n,), -1, jnp.int32).at[0].set(depth)
@@ -294,24 +375,25 @@ class EarlyExitDecoder:
       return (t < n) & ~jnp.all(finished)
 
     def body(carry):
-      t, tokens, exit_indices, depths, cache, exit_cache, pending, finished = carry
+      t, tokens, exit_indices, depths, cache, exit_cache, deferred, finished = carry
       previous = jax.lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1)
       active = ~finished
-      token, exit_index, depth, cache, exit_cache, pending = self._step(
-          lm_params, exit_params, thresholds, patience, cache, exit_cache, pending,
-          jnp.ones((batch, 1), bool), active, encoder, input_ids=previous)
+      token, exit_index, depth, cache, exit_cache, deferred = self._step(
+          call, cache, exit_cache, deferred, jnp.ones((batch, 1), bool), active, thresholds, schedule[t],
+          False, input_ids=previous)
       token = jnp.where(active, token, self.pad_token_id)
       exit_index = jnp.where(active, exit_index, -1)
       tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t, axis=1)
       exit_indices = jax.lax.dynamic_update_slice_in_dim(exit_indices, exit_index[:, None], t, axis=1)
       depths = jax.lax.dynamic_update_slice_in_dim(depths, depth[None], t, axis=0)
-      return (t + 1, tokens, exit_indices, depths, cache, exit_cache, pending,
-              finished | self._is_eos(token))
+      return (t + 1, tokens, exit_indices, depths, cache, exit_cache, deferred, finished | self._is_eos(token))
 
-    carry = (jnp.asarray(1, jnp.int32), tokens, exit_indices, depths, cache, exit_cache, pending,
-             finished)
-    t, tokens, exit_indices, depths, *_ = jax.lax.while_loop(keep_going, body, carry)
-    return DecodeOutput(tokens=tokens, exit_index=exit_indices, step_depth=depths, num_steps=t)
+    carry = (jnp.asarray(1, jnp.int32), tokens, exit_indices, depths, cache, exit_cache, deferred, finished)
+    t, tokens, exit_indices, depths, cache, _, deferred, _ = jax.lax.while_loop(keep_going, body, carry)
+    passes = deferred.passes if deferred is not None else t[None]
+    out = DecodeOutput(tokens=tokens, exit_index=exit_indices, step_depth=depths, num_steps=t,
+                       segment_passes=passes)
+    return (out, cache) if with_cache else out
 
   def _is_eos(self, token: jax.Array) -> jax.Array:
     if self.eos_token_id is None:
@@ -331,7 +413,7 @@ class EarlyExitDecoder:
     return lm_params, exits_lib.unstack_exits(exit_params) if self.num_exits else exit_params
 
   def compile(self, lm_params: PyTree, exit_params: PyTree, prompt: jax.Array,
-              prompt_valid: jax.Array, encoder: Any = None) -> tuple[Any, float]:
+              prompt_valid: jax.Array, encoder: Any = None, with_cache: bool = False) -> tuple[Any, float]:
     """The compiled executable for these input shapes (cached) and its compile time in seconds.
 
     Args:
@@ -341,31 +423,55 @@ class EarlyExitDecoder:
         prefix in place, `Blip2Model.prompt_embeddings`; T5: the decoder start token ids).
       prompt_valid: bool[B, P] real tokens (left padding).
       encoder: the family's encoder state (T5: `T5Encoded`), else None.
+      with_cache: the executable also returns the backbone's final KV cache (`decode_with_cache`).
     """
     self.check_inputs(exit_params, prompt_valid)
     args = (lm_params, exit_params, jax.ShapeDtypeStruct((self.num_exits,), jnp.float32),
-            jax.ShapeDtypeStruct((), jnp.int32), prompt, prompt_valid, encoder)
-    key = (jax.tree.structure(args),
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((self.max_new_tokens,), jnp.int32),
+            prompt, prompt_valid, encoder)
+    key = (jax.tree.structure(args), with_cache,
            tuple((tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(args)))
     if key not in self._compiled:
       start = time.perf_counter()
-      compiled = jax.jit(self._decode).lower(*args).compile()
+      compiled = jax.jit(functools.partial(self._decode, with_cache=with_cache)).lower(*args).compile()
       self._compiled[key] = (compiled, time.perf_counter() - start)
     return self._compiled[key]
 
   def __call__(self, lm_params: PyTree, exit_params: PyTree, prompt: jax.Array,
                prompt_valid: jax.Array, thresholds=conf_lib.NEVER_EXIT, encoder: Any = None,
-               patience: int = 1) -> DecodeOutput:
+               patience: int = 1, depth_schedule=None) -> DecodeOutput:
     """Decodes `max_new_tokens` greedily with early exits (asynchronous: returns device arrays).
 
     Args:
       thresholds: one threshold for every exit or one per exit, in [0, 1]; > 1 never exits.
       patience: k consecutive agreeing exits (only for confidence='patience').
+      depth_schedule: optional int[N], the exit each step stops at (E: the final layer; -1: decide by
+        confidence), e.g. to replay a trained run's decisions on another model shape.
       Others: see `compile`.
     """
+    return self._run(lm_params, exit_params, prompt, prompt_valid, thresholds, encoder, patience,
+                     depth_schedule, with_cache=False)
+
+  def decode_with_cache(self, lm_params: PyTree, exit_params: PyTree, prompt: jax.Array, prompt_valid: jax.Array,
+                        thresholds=conf_lib.NEVER_EXIT, encoder: Any = None, patience: int = 1,
+                        depth_schedule=None) -> tuple[DecodeOutput, lm_api.KVCache]:
+    """`__call__` that also returns the backbone's final KV cache (per-layer form, P + N + W slots), e.g. to
+    check that deferred computation wrote exactly what a full-depth run writes."""
+    return self._run(lm_params, exit_params, prompt, prompt_valid, thresholds, encoder, patience,
+                     depth_schedule, with_cache=True)
+
+  def _run(self, lm_params, exit_params, prompt, prompt_valid, thresholds, encoder, patience, depth_schedule,
+           with_cache):
     self.check_inputs(exit_params, prompt_valid, thresholds, patience)
     thresholds = (conf_lib.validate_thresholds(thresholds, self.num_exits) if self.num_exits
                   else np.zeros(0, np.float32))
-    compiled, _ = self.compile(lm_params, exit_params, prompt, prompt_valid, encoder)
-    return compiled(lm_params, exit_params, thresholds, np.int32(patience), prompt, prompt_valid,
+    schedule = np.full(self.max_new_tokens, -1, np.int32)
+    if depth_schedule is not None:
+      given = np.asarray(depth_schedule)
+      if given.shape != schedule.shape or given.min() < -1 or given.max() > self.num_exits:
+        raise ValueError(f'depth_schedule must be int[{self.max_new_tokens}] in [-1, {self.num_exits}], got '
+                         f'shape {given.shape}, values {given.min()}..{given.max()}')
+      schedule = given.astype(np.int32)
+    compiled, _ = self.compile(lm_params, exit_params, prompt, prompt_valid, encoder, with_cache)
+    return compiled(lm_params, exit_params, thresholds, np.int32(patience), schedule, prompt, prompt_valid,
                     encoder)

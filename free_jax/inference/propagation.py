@@ -1,24 +1,34 @@
-"""Deferred state propagation: K/V of skipped layers, written only when a later token needs them.
+"""Deferred computation of skipped layers: K/V that early-exited tokens did not write, filled in later.
 
-State propagation (CALM) fills the KV cache of the layers a token skipped with K/V projected from the
-hidden state it exited with. Doing that eagerly costs, per early-exited token, two D x D projections
-for every skipped layer (about one whole layer for an exit in the first third of the model), mostly
-for nothing: when the following tokens exit early too, nobody reads those entries. Deferred
-propagation keeps the exit hidden states in a buffer and, when a step enters a segment, first writes
-that segment's missing K/V for all pending slots in one batched projection (the weights are read
-once for all of them). The cache a layer reads is exactly what eager propagation would have
-written: same hidden states, same projections, only later.
+A token that leaves at exit i skips the backbone segments after it (and the deeper exits), so their KV
+caches have no entry for it. A later token that goes deep attends to those slots. Two ways to fill them:
 
-A `Pending` covers a region of cache slots [first_slot, first_slot + n): the decoder keeps one for
-the prompt (a lazy prefill: when no token goes deep, the prompt's deep K/V is never computed) and one
-for the decode steps, so a deep step re-projects only the small decode region, and the prompt's at
-most once per segment. Segments are the backbone layer ranges between exits
-(`early_exit.EarlyExitDecoder`): segment j = layers [bounds[j], bounds[j + 1]), followed by exit j
-(j < E).
+* ``'recompute'`` (exact, the default): when a step enters segment j, the slots that skipped it run
+  through the real layers of segment j (and exit j) first, batched with the current token in one pass
+  over the segment's weights. Their K/V, and their hidden states for the next segment, are then exactly
+  what a full-depth decode would have written, so a step that reaches the final layer produces exactly
+  the full model's logits for its prefix.
+* ``'calm'`` (CALM's state propagation, approximate): the skipped slots' K/V are projected from the
+  hidden state they exited with (each skipped layer's own input norm and K/V projections).
+
+Either way the work is deferred until a step actually enters the segment, and the prompt's deep layers
+too (a lazy prefill: when no token goes deep, they never run).
+
+Bookkeeping is a prefix per segment: a step that enters segment j first computes every slot it is
+missing, so the slots missing segment j are always [done[j], current slot). The hidden states to compute
+them from are kept per slot (`Deferred.h`: the state each slot left its deepest segment with). The prompt
+is caught up in one pass of P positions; decode slots in windows of W positions starting at done[j].
+Window slots past the current one are future slots: what a window writes there (K/V, hidden states) is
+overwritten by those slots' own steps before anything reads it, which is why the caches carry W spare
+slots at the end instead of masking each write.
+
+Segments are the backbone layer ranges between exits (`early_exit.EarlyExitDecoder`): segment j = layers
+[bounds[j], bounds[j + 1]), followed by exit j (j < E).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -28,84 +38,154 @@ import jax.numpy as jnp
 from free_jax.models import lm_api
 
 PyTree = Any
+MODES = ('recompute', 'calm')
+Caches = tuple[lm_api.KVCache, lm_api.KVCache]  # (backbone, exits), per-layer form
+# (h float[B, T, D], caches at the write index of h's first slot, ctx) -> (h_out, exit_out or None, caches):
+# a segment's layers then its exit's layer.
+RunFn = Callable[[jax.Array, Caches, PyTree], tuple[jax.Array, Any, Caches]]
+# (h float[B, T, D], caches at h's first slot) -> caches with the segment's (and exit's) K/V projected from h.
+ProjectFn = Callable[[jax.Array, Caches], Caches]
+# (cache at the first query's slot, number of queries) -> the layers' ctx for those queries.
+ContextFn = Callable[[lm_api.KVCache, int], PyTree]
 
 
 @flax.struct.dataclass
-class Pending:
-  """Exit hidden states of the decode steps and which segments still lack their K/V.
+class Deferred:
+  """What the segments are missing, and the hidden states to compute it from.
 
   Attributes:
-    h: float[B, n, D] hidden state each slot of the region exited with.
-    missing: bool[E + 1, n] segment j (and exit j) has no K/V yet for slot first_slot + i.
-    first_slot: static first cache slot of the region.
+    done: int32[E + 1] segment j (and exit j) have K/V for every slot < done[j].
+    h: float[B, S, D] per slot, the hidden state its deepest computed segment left it with.
+    passes: int32[E + 1] passes over each segment's weights so far (token, window and prompt passes).
   """
 
+  done: jax.Array
   h: jax.Array
-  missing: jax.Array
-  first_slot: int = flax.struct.field(pytree_node=False)
+  passes: jax.Array
 
   @classmethod
-  def empty(cls, batch: int, num_slots: int, hidden: int, num_segments: int, first_slot: int,
-            dtype) -> 'Pending':
-    return cls(h=jnp.zeros((batch, num_slots, hidden), dtype),
-               missing=jnp.zeros((num_segments, num_slots), bool), first_slot=first_slot)
+  def empty(cls, batch: int, length: int, hidden: int, num_segments: int, dtype) -> 'Deferred':
+    zeros = jnp.zeros(num_segments, jnp.int32)
+    return cls(done=zeros, h=jnp.zeros((batch, length, hidden), dtype), passes=zeros)
 
-  def record(self, slot: jax.Array, h: jax.Array, depth: int) -> 'Pending':
-    """A step that wrote slots [slot, slot + T) (inside this region) stopped at exit `depth` with
-    h float[B, T, D]: their segments after `depth` wait for K/V."""
-    offset = slot - self.first_slot
-    region = jnp.arange(self.missing.shape[1])
-    written = (region >= offset) & (region < offset + h.shape[1])
-    later = jnp.arange(self.missing.shape[0]) > depth
-    return self.replace(h=jax.lax.dynamic_update_slice(self.h, h.astype(self.h.dtype), (0, offset, 0)),
-                        missing=self.missing | (later[:, None] & written[None, :]))
+  def record(self, slot: jax.Array, h: jax.Array) -> 'Deferred':
+    """A step whose tokens at [slot, slot + T) stopped with h float[B, T, D]."""
+    return self.replace(h=jax.lax.dynamic_update_slice_in_dim(self.h, h.astype(self.h.dtype), slot, axis=1))
+
+  def ran(self, segment: int, done: jax.Array) -> 'Deferred':
+    """Segment `segment` made one more pass; every slot < done now has its K/V."""
+    return self.replace(done=self.done.at[segment].set(done), passes=self.passes.at[segment].add(1))
 
 
-def write_masked(stack: lm_api.DecoderStack, params: PyTree, pending: Pending, cache: lm_api.KVCache,
-                 ctx: PyTree, start: int, end: int, mask: jax.Array) -> lm_api.KVCache:
-  """Writes propagated K/V of layers [start, end) of `params` at the pending slots selected by bool[N] mask."""
-  n = pending.h.shape[1]
-  at_slots = cache.replace(index=jnp.asarray(pending.first_slot, jnp.int32))
-  new = stack.propagate_kv(params, pending.h, at_slots, ctx, start, end)
-  region = (slice(start, end), slice(None), slice(pending.first_slot, pending.first_slot + n))
-  select = mask[None, None, :, None, None]
-  merge = lambda old, fresh: old.at[region].set(jnp.where(select, fresh[region], old[region]))
-  return cache.replace(k=merge(cache.k, new.k), v=merge(cache.v, new.v))
+def branch(pred: jax.Array, taken: Callable, skipped: Callable, *operands):
+  """`lax.cond(pred, taken, skipped, *operands)` with `skipped` as branch 0 of a switch.
 
-
-def _window(params: PyTree, start: int, end: int) -> PyTree:
-  """`params` (decoding form: a per-layer ``'layers'`` tuple) with only layers [start, end), copy-free."""
-  return {**params, 'layers': params['layers'][start:end]}
-
-
-def materialise(stack: lm_api.DecoderStack, lm_params: PyTree, exit_stack: PyTree | None,
-                regions: tuple[Pending, ...], cache: lm_api.KVCache, exit_cache: lm_api.KVCache, ctx: PyTree,
-                segment: int, bounds: tuple[int, ...]) -> tuple[tuple[Pending, ...], lm_api.KVCache, lm_api.KVCache]:
-  """Before a step runs `segment`: writes its (and its exit's) missing K/V in every region.
-
-  `lm_params` and `exit_stack` are in the decoding form (`EarlyExitDecoder.prepare`).
-
-  One `lax.cond` for all regions, skipped when nothing is missing, whose operands are only the
-  segment's layers of the caches: a conditional passes its operands through, and on CPU a whole
-  cache per segment costs more than a small model's layer.
+  XLA forwards an operand that a conditional's branch 0 passes through unchanged, but copies it when
+  the pass-through branch sits in any other position (openxla/xla#46314, jax-ml/jax#39449): for a KV
+  cache that is a copy of every layer per step. `lax.cond` makes the false branch branch 0, so the
+  branch that leaves the caches alone goes there.
   """
-  start, end = bounds[segment], bounds[segment + 1]
-  has_exit = segment < len(bounds) - 2
+  return jax.lax.switch(jnp.asarray(pred).astype(jnp.int32), (skipped, taken), *operands)
 
-  def write(subs):
-    sub, exit_sub = subs
-    for region in regions:
-      mask = region.missing[segment]
-      sub = write_masked(stack, _window(lm_params, start, end), region, sub, ctx, 0, end - start, mask)
-      if has_exit:
-        exit_sub = write_masked(stack, _window(exit_stack, segment, segment + 1), region, exit_sub, ctx, 0, 1, mask)
-    return sub, exit_sub
 
-  anything_missing = jnp.any(jnp.stack([jnp.any(region.missing[segment]) for region in regions]))
-  subs = (cache.layers(start, end), exit_cache.layers(segment, segment + 1) if has_exit else None)
-  sub, exit_sub = jax.lax.cond(anything_missing, write, lambda subs: subs, subs)
-  cache = cache.with_layers(start, sub)
-  if has_exit:
-    exit_cache = exit_cache.with_layers(segment, exit_sub)
-  regions = tuple(region.replace(missing=region.missing.at[segment].set(False)) for region in regions)
-  return regions, cache, exit_cache
+def _at(caches: Caches, index) -> Caches:
+  return caches[0].at(index), caches[1].at(index)
+
+
+def enter(segment: int, deferred: Deferred, caches: Caches, h: jax.Array, ctx: PyTree, run: RunFn,
+          project: ProjectFn, context: ContextFn, *, mode: str, prompt_length: int, window: int,
+          has_exit: bool
+          ) -> tuple[Deferred, Caches, jax.Array, Any]:
+  """A decode step enters `segment`: catch up what earlier steps skipped, then run the current token.
+
+  Args:
+    segment: j >= 1 (segment 0 never has anything missing).
+    deferred, caches: the decode state; the caches' write index is the current token's slot.
+    h: float[B, 1, D] the current token's input of the segment.
+    ctx: the layers' ctx for the current token.
+    run, project, context: the segment's computations (module docstring).
+    mode: one of MODES.
+    prompt_length: P, caught up in one pass when the prompt is missing the segment; 0: the prompt
+      always ran every segment (a full-depth prefill).
+    window: W, the decode slots caught up per pass.
+    has_exit: the segment ends at an exit (j < E), whose output `run` returns.
+
+  Returns:
+    (deferred, caches, h_out float[B, 1, D], exit_out float[B, 1, D] or None for the final segment).
+  """
+  slot = caches[0].index
+  if prompt_length:
+    deferred, caches = branch(
+        deferred.done[segment] < prompt_length,
+        lambda d, c: _prompt_pass(segment, d, c, run, project, context, mode, prompt_length),
+        lambda d, c: (d, c), deferred, caches)
+
+  def token_pass(deferred, caches, h):
+    h, exit_out, caches = run(h, caches, ctx)
+    return deferred.ran(segment, slot + 1), caches, h, exit_out
+
+  if mode == 'calm':
+    deferred, caches = branch(
+        deferred.done[segment] < slot,
+        lambda d, c: _project_windows(segment, d, c, project, window),
+        lambda d, c: (d, c), deferred, caches)
+    return token_pass(deferred, caches, h)
+  # Two conditionals, each with one branch that writes the caches and one that passes them through
+  # (a conditional whose branches both update a buffer in place copies it, see `branch`).
+  behind = deferred.done[segment] < slot
+  no_exit_out = jnp.zeros_like(h) if has_exit else None
+  deferred, caches, h, exit_out = branch(
+      behind, lambda d, c, h: _run_windows(segment, d, c, h, run, context, window, has_exit),
+      lambda d, c, h: (d, c, h, no_exit_out), deferred, caches, h)
+  return branch(~behind, token_pass, lambda d, c, h: (d, c, h, exit_out), deferred, caches, h)
+
+
+def _prompt_pass(segment, deferred, caches, run, project, context, mode, prompt_length):
+  """The prompt's slots [0, P) through the segment in one pass (a deferred prefill)."""
+  slot = caches[0].index
+  h = deferred.h[:, :prompt_length]
+  at_start = _at(caches, 0)
+  if mode == 'calm':
+    caches = project(h, at_start)
+  else:
+    out, _, caches = run(h, at_start, context(at_start[0], prompt_length))
+    deferred = deferred.replace(h=jax.lax.dynamic_update_slice_in_dim(deferred.h, out, 0, axis=1))
+  return deferred.ran(segment, jnp.asarray(prompt_length, jnp.int32)), _at(caches, slot)
+
+
+def _run_windows(segment, deferred, caches, h, run, context, window, has_exit):
+  """Recompute: windows of W slots from done[segment] through the current slot, which the last one includes."""
+  slot = caches[0].index
+  exit_cur = jnp.zeros_like(h) if has_exit else None
+
+  def body(carry):
+    deferred, caches, h_cur, exit_cur = carry
+    start = deferred.done[segment]
+    here = start + jnp.arange(window) == slot
+    hw = jnp.where(here[None, :, None], h, jax.lax.dynamic_slice_in_dim(deferred.h, start, window, axis=1))
+    at = _at(caches, start)
+    out, exit_out, caches = run(hw, at, context(at[0], window))
+    deferred = deferred.replace(h=jax.lax.dynamic_update_slice_in_dim(deferred.h, out, start, axis=1))
+    offset = jnp.clip(slot - start, 0, window - 1)
+    found = jnp.any(here)
+    pick = lambda new, old: jnp.where(found, jax.lax.dynamic_slice_in_dim(new, offset, 1, axis=1), old)
+    exit_cur = jax.tree.map(pick, exit_out, exit_cur)
+    return deferred.ran(segment, start + window), _at(caches, slot), pick(out, h_cur), exit_cur
+
+  deferred, caches, h, exit_cur = jax.lax.while_loop(
+      lambda carry: carry[0].done[segment] <= slot, body, (deferred, caches, h, exit_cur))
+  return deferred.replace(done=deferred.done.at[segment].set(slot + 1)), caches, h, exit_cur
+
+
+def _project_windows(segment, deferred, caches, project, window):
+  """CALM: K/V projected from the stored hidden states, windows of W slots up to the current slot."""
+  slot = caches[0].index
+
+  def body(carry):
+    deferred, caches = carry
+    start = deferred.done[segment]
+    caches = project(jax.lax.dynamic_slice_in_dim(deferred.h, start, window, axis=1), _at(caches, start))
+    return deferred.replace(done=deferred.done.at[segment].set(start + window)), _at(caches, slot)
+
+  deferred, caches = jax.lax.while_loop(lambda carry: carry[0].done[segment] < slot, body, (deferred, caches))
+  return deferred.replace(done=deferred.done.at[segment].set(slot)), caches

@@ -1,4 +1,4 @@
-"""Building blocks shared by the language-model families: cached self-attention, MLP, layer scan.
+"""Building blocks shared by the language-model families: cached self-attention, MLP, layer stacks.
 
 Shapes: B batch, T tokens of this step, S cache slots, H heads, Dh head size, D model width,
 L layers. Cache layout and masks follow `free_jax.models.lm_api` (one write index for the batch,
@@ -100,17 +100,33 @@ LayerFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array],
                    tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def scan_layers(apply_layer: LayerFn, layers_params: PyTree, h: jax.Array, cache: KVCache,
-                first_layer: int = 0) -> tuple[jax.Array, jax.Array, KVCache]:
-  """Runs stacked layers in a `lax.scan`, writing each layer's new K/V into `cache` in place.
+def layer_at(layers: PyTree, j: int) -> PyTree:
+  """Layer j (static) of a stacked tree (leaves with a leading layer axis) or of a per-layer tuple."""
+  if isinstance(layers, tuple):
+    return layers[j]
+  return jax.tree.map(lambda x: x[j], layers)
 
-  Only the T new slots are written (a `dynamic_update_slice` on the scan carry), so a decode step
-  does not copy the cache.
+
+def stacked(layers: PyTree) -> PyTree:
+  """A per-layer tuple stacked on a new leading axis (a copy); a stacked tree as is."""
+  if isinstance(layers, tuple):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return layers
+
+
+def run_stack(apply_layer: LayerFn, layer_inputs: PyTree, h: jax.Array, cache: KVCache,
+              first_layer: int = 0) -> tuple[jax.Array, jax.Array, KVCache]:
+  """Runs n layers in order, writing each layer's new K/V at the cache's write index.
+
+  A stacked cache (training, full forwards) runs the layers in a `lax.scan`; a per-layer cache
+  (decoding) unrolls them, each layer reading and updating its own array in place, so a decode step
+  copies no cache (see `lm_api.KVCache`).
 
   Args:
-    apply_layer: (layer_params, h, k_cache_l float[B,S,H,Dh], v_cache_l) -> (h, k_new, v_new) with
-      k_new, v_new float[B, T, H, Dh].
-    layers_params: pytree with leading axis n.
+    apply_layer: (layer_inputs of one layer, h, k_cache_l float[B,S,H,Dh], v_cache_l) -> (h, k_new,
+      v_new) with k_new, v_new float[B, T, H, Dh].
+    layer_inputs: per-layer inputs (params, and e.g. T5's cross-attention K/V) as a tuple of
+      trees, each stacked (leading axis n) or a per-layer tuple of n.
     h: float[B, T, D] input of the first layer.
     cache: cache whose layers [first_layer, first_layer + n) belong to these layers.
     first_layer: static layer offset into `cache`.
@@ -118,17 +134,39 @@ def scan_layers(apply_layer: LayerFn, layers_params: PyTree, h: jax.Array, cache
   Returns:
     (h_out float[B, T, D], hiddens float[n, B, T, D] after each layer, cache).
   """
-  def body(carry, layer_params):
+  if cache.per_layer:
+    ks, vs, hiddens = list(cache.k), list(cache.v), []
+    n = _num_layers(layer_inputs[0])
+    for j in range(n):
+      i = first_layer + j
+      h, k_new, v_new = apply_layer(tuple(layer_at(x, j) for x in layer_inputs), h, ks[i], vs[i])
+      ks[i] = _write(ks[i], k_new, cache.index)
+      vs[i] = _write(vs[i], v_new, cache.index)
+      hiddens.append(h)
+    return h, jnp.stack(hiddens), cache.replace(k=tuple(ks), v=tuple(vs))
+
+  def body(carry, xs):
     h, k_all, v_all, i = carry
-    h, k_new, v_new = apply_layer(layer_params, h, k_all[i], v_all[i])
+    h, k_new, v_new = apply_layer(xs, h, k_all[i], v_all[i])
     slot = (i, 0, cache.index, 0, 0)
     k_all = jax.lax.dynamic_update_slice(k_all, k_new[None].astype(k_all.dtype), slot)
     v_all = jax.lax.dynamic_update_slice(v_all, v_new[None].astype(v_all.dtype), slot)
     return (h, k_all, v_all, i + 1), h
 
   init = (h, _varying_like(cache.k, h), _varying_like(cache.v, h), jnp.asarray(first_layer, jnp.int32))
-  (h, k, v, _), hiddens = jax.lax.scan(body, init, layers_params)
+  (h, k, v, _), hiddens = jax.lax.scan(body, init, tuple(stacked(x) for x in layer_inputs))
   return h, hiddens, cache.replace(k=k, v=v)
+
+
+def _num_layers(layers: PyTree) -> int:
+  if isinstance(layers, tuple):
+    return len(layers)
+  return jax.tree.leaves(layers)[0].shape[0]
+
+
+def _write(cache_layer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """float[B, T, H, Dh] written into one layer's float[B, S, H, Dh] cache at slot `index`."""
+  return jax.lax.dynamic_update_slice(cache_layer, new.astype(cache_layer.dtype), (0, index, 0, 0))
 
 
 def _varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -143,6 +181,14 @@ def _varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
 
 def write_layers_kv(cache: KVCache, k: jax.Array, v: jax.Array, first_layer: int) -> KVCache:
   """Writes float[n, B, T, H, Dh] K/V of layers [first_layer, first_layer + n) at the write index."""
+  if cache.per_layer:
+    n = k.shape[0]
+    span = range(first_layer, first_layer + n)
+    ks = tuple(_write(cache.k[i], k[i - first_layer], cache.index) if i in span else x
+               for i, x in enumerate(cache.k))
+    vs = tuple(_write(cache.v[i], v[i - first_layer], cache.index) if i in span else x
+               for i, x in enumerate(cache.v))
+    return cache.replace(k=ks, v=vs)
   slot = (first_layer, 0, cache.index, 0, 0)
   return cache.replace(k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), slot),
                        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), slot))

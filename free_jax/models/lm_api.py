@@ -31,30 +31,57 @@ PyTree = Any
 
 @flax.struct.dataclass
 class KVCache:
-  """Self-attention KV cache for a stack of layers.
+  """Self-attention KV cache for a stack of layers, in one of two forms.
+
+  * stacked (training, full forwards, `lax.scan` over layers): ``k``, ``v`` float[L, B, S, H, Dh];
+  * per layer (decoding): ``k``, ``v`` tuples of L arrays float[B, S, H, Dh]. A decode step then
+    updates each layer's array in place; a stacked cache updated inside a layer loop makes XLA copy the
+    whole [L, ...] array at every layer (the cost of a step then grows with L x S).
 
   Attributes:
-    k: float[L, B, S, H, Dh] keys of each layer (S = max cache length).
-    v: float[L, B, S, H, Dh] values of each layer.
+    k: keys of each layer (S = max cache length).
+    v: values of each layer.
     valid: bool[B, S] which cache slots hold a real (non-padding) token; shared by all layers.
     index: int32[] next slot to write; the T tokens of a step occupy [index, index + T).
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
 
   @classmethod
   def zeros(cls, num_layers: int, batch: int, max_length: int, num_heads: int, head_dim: int,
-            dtype=jnp.float32) -> 'KVCache':
-    shape = (num_layers, batch, max_length, num_heads, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+            dtype=jnp.float32, per_layer: bool = False) -> 'KVCache':
+    """A zero cache; `per_layer` gives the decoding form (tuples of per-layer arrays)."""
+    if per_layer:
+      layer = lambda: tuple(jnp.zeros((batch, max_length, num_heads, head_dim), dtype)
+                            for _ in range(num_layers))
+      k, v = layer(), layer()
+    else:
+      shape = (num_layers, batch, max_length, num_heads, head_dim)
+      k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return cls(k=k, v=v, valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+  @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, tuple)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.k) if self.per_layer else self.k.shape[0]
 
   @property
   def max_length(self) -> int:
-    return self.k.shape[2]
+    return self.valid.shape[1]
+
+  @property
+  def batch_size(self) -> int:
+    return self.valid.shape[0]
+
+  @property
+  def dtype(self):
+    return self.k[0].dtype if self.per_layer else self.k.dtype
 
   def mark_valid(self, token_valid: jax.Array) -> 'KVCache':
     """Marks the slots of the next T tokens (bool[B, T]) before any layer writes them."""
@@ -66,14 +93,27 @@ class KVCache:
     """Moves the write index past the T tokens of this step, once every layer has written them."""
     return self.replace(index=self.index + num_tokens)
 
+  def at(self, index) -> 'KVCache':
+    """The same cache with write index `index` (int32[] slot of a step's first token)."""
+    return self.replace(index=jnp.asarray(index, jnp.int32))
+
   def layers(self, start: int, end: int) -> 'KVCache':
-    """The cache of layers [start, end) (static bounds)."""
+    """The cache of layers [start, end) (static bounds); free in the per-layer form."""
     return self.replace(k=self.k[start:end], v=self.v[start:end])
 
   def with_layers(self, start: int, sub: 'KVCache') -> 'KVCache':
     """Writes a sub-cache (as returned by `layers`) back at layer offset `start`."""
-    end = start + sub.k.shape[0]
+    end = start + sub.num_layers
+    if self.per_layer:
+      return self.replace(k=(*self.k[:start], *sub.k, *self.k[end:]),
+                          v=(*self.v[:start], *sub.v, *self.v[end:]))
     return self.replace(k=self.k.at[start:end].set(sub.k), v=self.v.at[start:end].set(sub.v))
+
+  def unstacked(self) -> 'KVCache':
+    """The per-layer (decoding) form of this cache."""
+    if self.per_layer:
+      return self
+    return self.replace(k=tuple(self.k), v=tuple(self.v))
 
 
 def slice_layers(layers: PyTree, start: int, end: int) -> PyTree:
@@ -84,6 +124,16 @@ def slice_layers(layers: PyTree, start: int, end: int) -> PyTree:
   """
   if isinstance(layers, tuple):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *layers[start:end])
+  return jax.tree.map(lambda x: x[start:end], layers)
+
+
+def layer_range(layers: PyTree, start: int, end: int) -> PyTree:
+  """Layers [start, end) (static bounds) in the form they come in: a per-layer tuple or a stacked tree.
+
+  Copy-free for a per-layer tuple (the decoding form), unlike `slice_layers`, which stacks.
+  """
+  if isinstance(layers, tuple):
+    return layers[start:end]
   return jax.tree.map(lambda x: x[start:end], layers)
 
 
@@ -133,8 +183,8 @@ class DecoderStack(Protocol):
   num_heads: int
   head_dim: int
 
-  def init_cache(self, batch: int, max_length: int) -> KVCache:
-    """A zero cache for all L layers."""
+  def init_cache(self, batch: int, max_length: int, per_layer: bool = False) -> KVCache:
+    """A zero cache for all L layers (`per_layer`: the decoding form, see `KVCache`)."""
 
   def embed(self, lm_params: PyTree, input_ids: jax.Array | None = None,
             inputs_embeds: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from free_jax.models import lm_api
 from free_jax.models.lm_api import PyTree
 from free_jax.models.hf_tensors import TensorSource, layer_norm, linear, stack_layers
-from free_jax.models.layers import Mlp, SelfAttention, scan_layers, write_layers_kv
+from free_jax.models.layers import Mlp, SelfAttention, run_stack, write_layers_kv
 from free_jax.models.vit import hf_activation
 
 
@@ -198,9 +198,9 @@ class OPTStack:
       params['lm_head'] = {'kernel': normal(rngs[3], (e, cfg.vocab_size), dt)}
     return params
 
-  def init_cache(self, batch: int, max_length: int) -> lm_api.KVCache:
+  def init_cache(self, batch: int, max_length: int, per_layer: bool = False) -> lm_api.KVCache:
     return lm_api.KVCache.zeros(self.num_layers, batch, max_length, self.num_heads, self.head_dim,
-                                self.dtype)
+                                self.dtype, per_layer)
 
   def embed_tokens(self, lm_params: PyTree, input_ids: jax.Array) -> jax.Array:
     """float[B, T, E] word embeddings of int[B, T] ids (before ``project_in`` and positions)."""
@@ -235,18 +235,24 @@ class OPTStack:
     chex.assert_axis_dimension(h, 2, self.hidden_size)
     layer = self._layer
 
-    def apply_layer(p, h, k_cache, v_cache):
-      return layer.apply({'params': p}, h, k_cache, v_cache, ctx['mask'], cache.index)
+    def apply_layer(xs, h, k_cache, v_cache):
+      return layer.apply({'params': xs[0]}, h, k_cache, v_cache, ctx['mask'], cache.index)
 
-    return scan_layers(apply_layer, layers_params, h, cache, first_layer)
+    return run_stack(apply_layer, (layers_params,), h, cache, first_layer)
 
-  def apply_layers(self, layers_params: PyTree, h: jax.Array, cache: lm_api.KVCache,
-                   ctx: PyTree) -> tuple[jax.Array, jax.Array, lm_api.KVCache]:
+  def apply_layers(self, layers_params: PyTree, h: jax.Array, cache: lm_api.KVCache, ctx: PyTree,
+                   cross_kv: None = None) -> tuple[jax.Array, jax.Array, lm_api.KVCache]:
+    if cross_kv is not None:
+      raise ValueError('OPT layers have no cross-attention: cross_kv must be None')
     return self._run(layers_params, h, cache, ctx, 0)
+
+  def layer_constants(self, layers_params: PyTree, encoder: Any) -> None:
+    """Nothing: OPT layers need no per-encoder-output inputs (T5: cross-attention K/V)."""
+    del layers_params, encoder
 
   def run_layers(self, lm_params: PyTree, h: jax.Array, cache: lm_api.KVCache, ctx: PyTree,
                  start: int, end: int) -> tuple[jax.Array, jax.Array, lm_api.KVCache]:
-    return self._run(lm_api.slice_layers(lm_params['layers'], start, end), h, cache, ctx, start)
+    return self._run(lm_api.layer_range(lm_params['layers'], start, end), h, cache, ctx, start)
 
   def propagate_kv(self, lm_params: PyTree, h: jax.Array, cache: lm_api.KVCache, ctx: PyTree,
                    start: int, end: int) -> lm_api.KVCache:

@@ -59,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from free_jax.models.hf_tensors import TensorSource, WeightsError, layer_norm, linear, stack_layers
-from free_jax.models.layers import scan_layers, write_layers_kv
-from free_jax.models.lm_api import KVCache, PyTree, attention_mask, begin_step, map_layers, slice_layers
+from free_jax.models.layers import run_stack, write_layers_kv
+from free_jax.models.lm_api import KVCache, PyTree, attention_mask, begin_step, layer_range, map_layers
 from free_jax.models.t5_layers import (T5Config, T5DecoderLayer, T5EncoderLayer, position_bias,
                                        t5_norm)
 
@@ -74,14 +74,21 @@ class T5Encoded:
   Attributes:
     hidden: float[B, S, D] encoder output (after the final norm).
     mask: bool[B, S] valid encoder positions.
-    cross_k: float[L, B, S, H, Dh] cross-attention keys of every backbone decoder layer.
-    cross_v: float[L, B, S, H, Dh] cross-attention values.
+    cross_k: float[L, B, S, H, Dh] cross-attention keys of every backbone decoder layer, or (the
+      decoding form, `unstacked`) a tuple of L float[B, S, H, Dh].
+    cross_v: cross-attention values, same form.
   """
 
   hidden: jax.Array
   mask: jax.Array
-  cross_k: jax.Array
-  cross_v: jax.Array
+  cross_k: jax.Array | tuple[jax.Array, ...]
+  cross_v: jax.Array | tuple[jax.Array, ...]
+
+  def unstacked(self) -> 'T5Encoded':
+    """Per-layer cross K/V, read in place by a decode step (static slices of a stacked one copy)."""
+    if isinstance(self.cross_k, tuple):
+      return self
+    return self.replace(cross_k=tuple(self.cross_k), cross_v=tuple(self.cross_v))
 
 
 @flax.struct.dataclass
@@ -171,8 +178,9 @@ class T5Stack:
       params['lm_head'] = {'kernel': normal(rngs[5], (c.d_model, c.vocab_size), c.d_model ** -0.5)}
     return params
 
-  def init_cache(self, batch: int, max_length: int) -> KVCache:
-    return KVCache.zeros(self.num_layers, batch, max_length, self.num_heads, self.head_dim, self.dtype)
+  def init_cache(self, batch: int, max_length: int, per_layer: bool = False) -> KVCache:
+    return KVCache.zeros(self.num_layers, batch, max_length, self.num_heads, self.head_dim, self.dtype,
+                         per_layer)
 
   def embed(self, lm_params: PyTree, input_ids: jax.Array | None = None,
             inputs_embeds: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
@@ -220,11 +228,22 @@ class T5Stack:
     last = self._norm(params['final_norm'], out)
     return last, jnp.concatenate([h[None], hiddens[:-1], last[None]])
 
-  def cross_kv(self, layers_params: PyTree, encoder_hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cross-attention K/V float[n, B, S, H, Dh] of n stacked decoder layers for float[B, S, D]."""
+  def cross_kv(self, layers_params: PyTree, encoder_hidden: jax.Array) -> tuple[Any, Any]:
+    """Cross-attention K/V of n decoder layers for float[B, S, D]: float[n, B, S, H, Dh] each from
+    stacked params, tuples of n float[B, S, H, Dh] from a per-layer tuple."""
     kv = lambda p: self.decoder_layer.apply({'params': p}, encoder_hidden.astype(self.dtype),
                                             method=T5DecoderLayer.cross_key_value)
+    if isinstance(layers_params, tuple):
+      pairs = [kv(p) for p in layers_params]
+      return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
     return jax.vmap(kv)(layers_params)
+
+  def layer_constants(self, layers_params: PyTree, encoder: T5Encoded) -> tuple[Any, Any]:
+    """What these layers need once per encoder output: their cross-attention K/V (`cross_kv`).
+
+    Pass it as ``apply_layers(..., cross_kv=...)`` so an exit layer does not recompute it per step.
+    """
+    return self.cross_kv(layers_params, encoder.hidden)
 
   def encode(self, lm_params: PyTree, inputs_embeds: jax.Array, attention_mask: jax.Array) -> T5Encoded:
     """`encoder_forward` plus the backbone's cross-attention K/V: the decoder's `encoder` input."""
@@ -262,22 +281,26 @@ class T5Stack:
     """Runs n stacked decoder layers (see `lm_api.DecoderStack.apply_layers`).
 
     Args:
-      layers_params: stacked layer params, leading axis n.
+      layers_params: stacked layer params (leading axis n) or a per-layer tuple of n.
       h: float[B, T, D] input of the first layer.
       cache: n-layer cache, already `mark_valid`-ed for this step.
       ctx: from `make_context`.
-      cross_kv: these layers' cross-attention K/V float[n, B, S_enc, H, Dh]; computed from
+      cross_kv: these layers' cross-attention K/V (`cross_kv`, `layer_constants`); computed from
         ctx['encoder_hidden'] with `layers_params` when None.
 
     Returns:
       (h_out float[B, T, D], hiddens float[n, B, T, D], cache with the T tokens' K/V written).
     """
-    n = cache.k.shape[0]
-    for path, leaf in jax.tree_util.tree_leaves_with_path(layers_params):
-      if leaf.ndim == 0 or leaf.shape[0] != n:
-        raise ValueError(f'layers_params{jax.tree_util.keystr(path)} has shape {leaf.shape}, '
-                         f'expected a leading layer axis of {n} (the cache has {n} layers)')
-    chex.assert_shape(h, (cache.k.shape[1], None, self.config.d_model))
+    n = cache.num_layers
+    if isinstance(layers_params, tuple):
+      if len(layers_params) != n:
+        raise ValueError(f'{len(layers_params)} per-layer params for a cache of {n} layers')
+    else:
+      for path, leaf in jax.tree_util.tree_leaves_with_path(layers_params):
+        if leaf.ndim == 0 or leaf.shape[0] != n:
+          raise ValueError(f'layers_params{jax.tree_util.keystr(path)} has shape {leaf.shape}, '
+                           f'expected a leading layer axis of {n} (the cache has {n} layers)')
+    chex.assert_shape(h, (cache.batch_size, None, self.config.d_model))
     if cross_kv is None:
       cross_kv = self.cross_kv(layers_params, ctx['encoder_hidden'])
     mask = attention_mask(cache, h.shape[1])
@@ -288,14 +311,14 @@ class T5Stack:
       return layer.apply({'params': layer_params}, h, cache_k, cache_v, cache.index, ctx['bias'], mask,
                          cross_k, cross_v, ctx['encoder_mask'])
 
-    return scan_layers(apply_layer, (layers_params, *cross_kv), h.astype(self.dtype), cache)
+    return run_stack(apply_layer, (layers_params, *cross_kv), h.astype(self.dtype), cache)
 
   def run_layers(self, lm_params: PyTree, h: jax.Array, cache: KVCache, ctx: PyTree, start: int,
                  end: int) -> tuple[jax.Array, jax.Array, KVCache]:
     """`apply_layers` on backbone layers [start, end), their cache slice and precomputed cross K/V."""
     _check_range(start, end, self.num_layers)
     cross = (ctx['cross_k'][start:end], ctx['cross_v'][start:end])
-    h, hiddens, sub = self.apply_layers(slice_layers(lm_params['layers'], start, end), h,
+    h, hiddens, sub = self.apply_layers(layer_range(lm_params['layers'], start, end), h,
                                         cache.layers(start, end), ctx, cross_kv=cross)
     return h, hiddens, cache.with_layers(start, sub)
 
