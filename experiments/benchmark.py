@@ -1,13 +1,20 @@
 r"""Decoding throughput, full depth vs early exit: batch 1 and 8, compile times, peak memory.
 
   python experiments/benchmark.py --config=experiments/configs/vqa.py --workdir=workdir/vqa
-  python experiments/benchmark.py --config=experiments/configs/vqa.py:smoke --workdir=/tmp/b --opt2p7b
+  python experiments/benchmark.py --config=experiments/configs/vqa.py --workdir=workdir/vqa --memory_bound
+  python experiments/benchmark.py --config=experiments/configs/vqa.py --workdir=workdir/vqa --opt2p7b \
+      --opt2p7b_dtype=float32
+  python experiments/benchmark.py --config=experiments/configs/vqa.py --workdir=workdir/vqa --accelerator
 
 With a finished training run in WORKDIR the trained LM and exits are timed (also at the threshold
 of WORKDIR/eval/summary.json, if evaluate.py ran); otherwise a random LM of the config's embedded
-shape. ``--opt2p7b`` adds a random BLIP-2-OPT-2.7B-shaped LM (batch 1, a few tokens; 5.3 GB of
-parameters in bfloat16, 10.6 GB in float32). Prompts are random ids of the model's prompt length, with no EOS, so
-every row decodes exactly eval.max_new_tokens tokens. Writes WORKDIR/bench/summary.json.
+shape. Every speedup is reported against its weight-bytes ideal (`free_jax.inference.cost`), per call
+and per decode step. ``--memory_bound`` adds a random 16-layer width-1024 OPT (0.8 GB, memory-bound on
+a CPU) at prompts 64 and 512, batch 1 and 8. ``--opt2p7b`` adds a random BLIP-2-OPT-2.7B-shaped LM at
+prompts 40 and 512 (batch 1), with the trained run's per-step exit decisions (evaluate.py's
+``step_depths``) replayed on it. ``--accelerator`` is the report for one GPU/TPU (bfloat16 2.7B shape,
+batch 1, 8 and 32, the weight-read floor, the cost of the loop's predicates; a few minutes). Prompts are
+random ids, with no EOS, so every row decodes exactly its N tokens. Writes WORKDIR/bench/summary.json.
 """
 
 import json
@@ -28,7 +35,9 @@ from free_jax.training import pipeline
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:smoke].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; results go to WORKDIR/bench/summary.json.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Decoding batch sizes.')
-_OPT2P7B = flags.DEFINE_bool('opt2p7b', False, 'Also time a random BLIP-2-OPT-2.7B-shaped LM (bfloat16).')
+_OPT2P7B = flags.DEFINE_bool('opt2p7b', False, 'Also time a random BLIP-2-OPT-2.7B-shaped LM.')
+_MEMORY_BOUND = flags.DEFINE_bool('memory_bound', False, 'Also time the memory-bound 16x1024 random OPT.')
+_ACCELERATOR = flags.DEFINE_bool('accelerator', False, 'The accelerator report (bfloat16 2.7B shape, batch 1/8/32).')
 _LARGE_TOKENS = flags.DEFINE_integer('opt2p7b_new_tokens', 4, 'Tokens decoded by the 2.7B-shaped LM.')
 _LARGE_DTYPE = flags.DEFINE_enum('opt2p7b_dtype', 'bfloat16', ['bfloat16', 'float32'],
                                  'Dtype of the 2.7B-shaped LM (CPUs have no bfloat16 matmul: XLA converts).')
@@ -71,26 +80,56 @@ def main(argv):
   thresholds = (0.0, *extra, confidence.NEVER_EXIT)
   e = config.eval
   summary = {'model': description, 'exit_layers': list(config.exits.layers), 'num_layers': stack.num_layers,
-             'backend': jax.default_backend(), 'results': []}
+             'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind, 'results': []}
   for b in batch_sizes:
     summary['results'].append(benchmark.benchmark_decoding(
         stack, lm_params, exit_params, config.exits.layers, batch_size=b, prompt_length=prompt_length,
         max_new_tokens=e.max_new_tokens, repeats=e.timing_repeats, thresholds=thresholds))
+  replays = benchmark.replay_schedules(_step_depths(workdir), e.max_new_tokens)
+  replay_schedules = {name: r['schedule'] for name, r in replays.items()}
+  if _MEMORY_BOUND.value:
+    layers = (4, 8, 12)
+    stack, lm_params, exit_params = benchmark.random_model(benchmark.memory_bound_shape(), layers)
+    summary['memory_bound'] = [{'exit_layers': list(layers), **benchmark.benchmark_decoding(
+        stack, lm_params, exit_params, layers, batch_size=b, prompt_length=p, max_new_tokens=17, repeats=3,
+        prompt_vocab=8192)} for p in (64, 512) for b in (1, 8)]
   if _OPT2P7B.value:
-    large = benchmark.opt_2p7b_shape()
     layers = (8, 16, 24)
-    stack, lm_params, exit_params = benchmark.random_model(large, layers, jnp.dtype(_LARGE_DTYPE.value))
-    summary['opt2p7b'] = {'exit_layers': list(layers), 'dtype': _LARGE_DTYPE.value, **benchmark.benchmark_decoding(
-        stack, lm_params, exit_params, layers, batch_size=1, prompt_length=32 + 8,
-        max_new_tokens=_LARGE_TOKENS.value, repeats=2, thresholds=(0.0, confidence.NEVER_EXIT))}
+    stack, lm_params, exit_params = benchmark.random_model(benchmark.opt_2p7b_shape(), layers,
+                                                           jnp.dtype(_LARGE_DTYPE.value))
+    summary['opt2p7b'] = []
+    for p in (40, 512):
+      result = benchmark.benchmark_decoding(
+          stack, lm_params, exit_params, layers, batch_size=1, prompt_length=p, max_new_tokens=_LARGE_TOKENS.value,
+          repeats=1, thresholds=(0.0,), per_step=False,
+          schedules={n: s[:_LARGE_TOKENS.value] for n, s in replay_schedules.items()} if p == 40 else None)
+      if p == 40 and replays:
+        result['replayed'] = benchmark.weighted_replay(result, replays)
+      summary['opt2p7b'].append({'exit_layers': list(layers), 'dtype': _LARGE_DTYPE.value, **result})
+  if _ACCELERATOR.value:
+    summary['accelerator'] = benchmark.accelerator_report(replay_schedules, e.max_new_tokens)
   summary['peak_memory'] = benchmark.peak_memory()
   out_dir = os.path.join(workdir, 'bench')
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
-  for r in summary['results'] + ([summary['opt2p7b']] if 'opt2p7b' in summary else []):
-    speeds = ', '.join(f"t={t}: {v['tokens_per_s']:.1f} tok/s (x{v['speedup']:.2f})" for t, v in r['early_exit'].items())
-    print(f"batch {r['batch_size']}: full {r['full']['tokens_per_s']:.1f} tok/s; early exit {speeds}")
+  rows = summary['results'] + summary.get('memory_bound', []) + summary.get('opt2p7b', [])
+  for r in rows + summary.get('accelerator', {}).get('results', []):
+    speeds = ', '.join(f"{t}: x{v['speedup']:.2f} of ideal x{v['ideal']:.2f} ({100 * v['share_of_ideal']:.0f}%)"
+                       + (f", per step x{v['step_speedup']:.2f} ({100 * v['step_share_of_ideal']:.0f}%)"
+                          if 'step_speedup' in v else '') for t, v in r['early_exit'].items())
+    step = f", step {1e3 * r['full']['step_s']:.1f} ms" if 'step_s' in r['full'] else ''
+    print(f"batch {r['batch_size']} prompt {r['prompt_length']}: full {r['full']['tokens_per_s']:.1f} tok/s{step}; "
+          f"{speeds}")
+
+
+def _step_depths(workdir):
+  """The trained run's per-call exit decisions on its test split (evaluate.py), if recorded."""
+  path = os.path.join(workdir, evaluator.EVAL_DIR, evaluator.SUMMARY_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f).get('step_depths', [])
 
 
 if __name__ == '__main__':

@@ -113,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_sweep_thresholds = 11   # thresholds in the quality-vs-speedup sweep
   c.eval.calibration_method = 'ltt'  # 'ltt' (Learn-then-Test) or 'crc' (conformal risk control)
   c.eval.prefill = 'early_exit'      # 'early_exit': the prompt step may exit too; 'full': prompt at full depth
+  c.eval.propagation = 'recompute'   # skipped layers' K/V: 'recompute' (exact, deferred) or 'calm' (projected)
   c.eval.timing_examples = 128       # test examples in the wall-clock timing (0 = all of data.num_test)
   return c
 

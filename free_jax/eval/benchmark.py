@@ -1,14 +1,15 @@
-"""Decoding throughput of full-depth vs early-exit decoding: tokens/s, compile time, peak memory.
+"""Decoding throughput of full-depth vs early-exit decoding against the weight-bytes ideal (`cost`).
 
 The LM decoders (`inference.early_exit.EarlyExitDecoder`, and the exit-free one as the full-depth
 baseline) run on random prompts of a fixed length for ``max_new_tokens`` tokens with no EOS, so every
 row generates exactly N tokens and tokens/s = B * N / seconds. Full and early-exit passes alternate
 (one warm-up each, then the median of `repeats`). Early exit is timed at several thresholds: 0
 (every token leaves at the first exit: the upper bound of the speedup), > 1 (never: the cost of
-carrying the exits) and any given ones (e.g. the calibrated threshold of a trained run).
+carrying the exits), any given ones (e.g. the calibrated threshold of a trained run), and replayed
+depth schedules (a trained run's per-step decisions on another model shape).
 
 `opt_2p7b_shape` builds a random BLIP-2-OPT-2.7B-shaped language model (bfloat16) for the
-"large" measurement.
+"large" measurement, `memory_bound_shape` the CPU one, `accelerator_report` the one for a GPU or TPU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from free_jax import exits as exits_lib
 from free_jax.inference import confidence as conf_lib
+from free_jax.inference import cost
 from free_jax.inference.early_exit import EarlyExitDecoder, layer_cost
 from free_jax.models.opt import OPTConfig, OPTStack
 
@@ -36,6 +38,49 @@ def opt_2p7b_shape(max_positions: int = 2048) -> OPTConfig:
   """The language model of BLIP-2-OPT-2.7B (facebook/opt-2.7b): 32 layers, width 2560."""
   return OPTConfig(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
                    ffn_dim=10240, max_position_embeddings=max_positions, word_embed_proj_dim=2560)
+
+
+def memory_bound_shape() -> OPTConfig:
+  """A random OPT LM too large for CPU caches (0.8 GB float32), so a decode step is memory-bound as on an
+  accelerator: 16 layers, width 1024, vocabulary 8192 (exits after layers 4, 8, 12)."""
+  return OPTConfig(vocab_size=8192, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, ffn_dim=4096,
+                   max_position_embeddings=1024, word_embed_proj_dim=1024)
+
+
+# Memory bandwidth (GB/s) of common accelerators, for the weight-read floor of a decode step.
+BANDWIDTH_GBPS = {'H200': 4800, 'H100': 3350, 'A100': 2039, 'L4': 300, 'TPU v4': 1200, 'TPU v5 lite': 819,
+                  'TPU v5e': 819, 'TPU v5p': 2765, 'TPU v6 lite': 1640, 'T4': 320}
+
+
+def device_bandwidth_gbps() -> float | None:
+  """The first device's memory bandwidth from `BANDWIDTH_GBPS` by its kind, None when unknown."""
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in BANDWIDTH_GBPS.items() if k.lower() in kind.lower()), None)
+
+
+def replay_schedules(step_depths: Sequence[Sequence[int]], max_new_tokens: int, top: int = 4) -> dict:
+  """The `top` most frequent per-call depth sequences of a run, padded to N with -1 (steps not run).
+
+  Returns {name: {'schedule': int[N], 'count': n}}.
+  """
+  counts = {}
+  for depths in step_depths:
+    key = tuple(int(d) for d in depths) + (-1,) * (max_new_tokens - len(depths))
+    counts[key] = counts.get(key, 0) + 1
+  ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+  return {'replay_' + '-'.join(str(d) for d in key if d >= 0): {'schedule': list(key), 'count': n}
+          for key, n in ranked}
+
+
+def weighted_replay(result: dict, replays: dict) -> dict:
+  """Speedup and ideal of a run's replayed schedules, weighted by how often the run made each."""
+  names = [n for n in replays if n in result['early_exit']]
+  weight = lambda n: replays[n]['count']
+  full = sum(weight(n) for n in names) * result['full']['seconds']
+  mode = sum(weight(n) * result['early_exit'][n]['seconds'] for n in names)
+  ideal = sum(weight(n) for n in names) / sum(weight(n) / result['early_exit'][n]['ideal'] for n in names)
+  return {'speedup': full / mode, 'ideal': ideal, 'share_of_ideal': full / mode / ideal,
+          'schedules': {n: replays[n] for n in names}}
 
 
 def peak_memory() -> dict:
@@ -53,60 +98,97 @@ def _seconds(run) -> float:
   return time.perf_counter() - start
 
 
+def interleaved_medians(runs: dict, repeats: int) -> dict:
+  """Median seconds of each run, timed round-robin after one warm-up pass (machine speed drifts)."""
+  times = {name: [] for name in runs}
+  for r in range(repeats + 1):
+    for name, run in runs.items():
+      seconds = _seconds(run)
+      if r:
+        times[name].append(seconds)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layers: Sequence[int], *,
                        batch_size: int, prompt_length: int, max_new_tokens: int, repeats: int,
-                       thresholds: Sequence[float] = (0.0, conf_lib.NEVER_EXIT), seed: int = 0,
-                       prompt_vocab: int | None = None) -> dict:
-  """Tokens/s of full-depth vs early-exit decoding on random prompt ids (see module docstring).
+                       thresholds: Sequence[float] = (0.0, conf_lib.NEVER_EXIT),
+                       schedules: dict | None = None, seed: int = 0, prompt_vocab: int | None = None,
+                       per_step: bool = True) -> dict:
+  """Full-depth vs early-exit decoding on random prompt ids, against the weight-bytes ideal (`cost`).
 
   Args:
     stack, lm_params: the LM (`lm_api.DecoderStack`, e.g. `OPTStack`) and its params.
     exit_params, exit_layers: the exits (`free_jax.exits`).
     batch_size, prompt_length, max_new_tokens: the decoded shape B, P, N.
-    repeats: timed passes per decoder (after one warm-up).
-    thresholds: early-exit thresholds to time.
+    repeats: timed passes per decoder (after one warm-up), interleaved.
+    thresholds: early-exit thresholds to time (0: every token at exit 0; > 1: never exit).
+    schedules: name -> int[N] depth schedule to replay (`EarlyExitDecoder.__call__`'s depth_schedule).
     prompt_vocab: prompt ids are drawn from [0, prompt_vocab) (default: the embedding table size).
+    per_step: also time 1-token calls, so a decode step's cost is (time of N tokens - time of 1) / (N - 1).
 
   Returns:
-    {'batch_size', 'prompt_length', 'max_new_tokens', 'full': {...}, 'early_exit': {str(threshold): {...}}}
-    with per decoder 'seconds' (median), 'tokens_per_s', 'compile_s' and, for early exit,
-    'speedup' (full seconds / these), 'speedup_layers' and 'mean_exit_index'.
+    {'batch_size', 'prompt_length', 'max_new_tokens', 'repeats', 'full': {...}, 'early_exit': {name: {...}}}:
+    per decoder the median 'seconds' of a call, 'tokens_per_s', 'compile_s' and, with per_step, 'step_s';
+    per early-exit setting also 'speedup' (full / these seconds), 'ideal' (full / these weight bytes, the
+    whole call), 'share_of_ideal', the same per decode step ('step_speedup', 'step_ideal',
+    'step_share_of_ideal'), 'speedup_layers' and 'mean_exit_index'.
   """
   vocab = prompt_vocab or stack.config.vocab_size
   ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
   valid = np.ones((batch_size, prompt_length), bool)
-  common = dict(max_new_tokens=max_new_tokens, eos_token_id=None)
-  full = EarlyExitDecoder(stack, (), **common)
-  early = EarlyExitDecoder(stack, tuple(exit_layers), **common)
-  lm_params, exit_params = early.prepare(lm_params, exit_params)
-  runs = {'full': lambda: full(lm_params, None, ids, valid).tokens}
-  for t in thresholds:
-    runs[str(float(t))] = lambda t=t: early(lm_params, exit_params, ids, valid, t).tokens
-  compile_s = {'full': full.compile(lm_params, None, ids, valid)[1],
-               'early_exit': early.compile(lm_params, exit_params, ids, valid)[1]}
-  times = {name: [] for name in runs}
-  for r in range(repeats + 1):
-    for name, run in runs.items():
-      seconds = _seconds(run)
-      if r:  # pass 0 is the warm-up
-        times[name].append(seconds)
-  seconds = {name: statistics.median(ts) for name, ts in times.items()}
-  tokens = batch_size * max_new_tokens
+  lengths = (max_new_tokens, 1) if per_step and max_new_tokens > 1 else (max_new_tokens,)
+  full = {n: EarlyExitDecoder(stack, (), max_new_tokens=n, eos_token_id=None) for n in lengths}
+  early = {n: EarlyExitDecoder(stack, tuple(exit_layers), max_new_tokens=n, eos_token_id=None) for n in lengths}
+  lm_params, exit_params = early[max_new_tokens].prepare(lm_params, exit_params)
+  weights = cost.WeightBytes.of(lm_params, exit_params, tuple(exit_layers))
+  settings = {str(float(t)): dict(thresholds=t) for t in thresholds}
+  for name, schedule in (schedules or {}).items():
+    settings[name] = dict(depth_schedule=np.asarray(schedule, np.int32))
+
+  def decode(n, setting):
+    kwargs = {k: (v[:n] if k == 'depth_schedule' else v) for k, v in setting.items()}
+    return early[n](lm_params, exit_params, ids, valid, **kwargs)
+
+  call = lambda n, setting: lambda: decode(n, setting).tokens
+
+  runs = {('full', n): (lambda n=n: full[n](lm_params, None, ids, valid).tokens) for n in lengths}
+  runs.update({(name, n): call(n, setting) for name, setting in settings.items() for n in lengths})
+  compile_s = {'full': full[max_new_tokens].compile(lm_params, None, ids, valid)[1],
+               'early_exit': early[max_new_tokens].compile(lm_params, exit_params, ids, valid)[1]}
+  seconds = interleaved_medians(runs, repeats)
+
+  def timing(name):
+    out = {'seconds': seconds[(name, max_new_tokens)],
+           'tokens_per_s': batch_size * max_new_tokens / seconds[(name, max_new_tokens)]}
+    if len(lengths) == 2:
+      out['step_s'] = (seconds[(name, max_new_tokens)] - seconds[(name, 1)]) / (max_new_tokens - 1)
+    return out
+
   result = {'batch_size': batch_size, 'prompt_length': prompt_length, 'max_new_tokens': max_new_tokens,
-            'repeats': repeats,
-            'full': {'seconds': seconds['full'], 'tokens_per_s': tokens / seconds['full'],
-                     'compile_s': compile_s['full']},
-            'early_exit': {}}
-  for t in thresholds:
-    out = early(lm_params, exit_params, ids, valid, t)
-    depth = np.asarray(out.step_depth)[:int(out.num_steps)]
-    name = str(float(t))
-    result['early_exit'][name] = {
-        'seconds': seconds[name], 'tokens_per_s': tokens / seconds[name], 'compile_s': compile_s['early_exit'],
-        'speedup': seconds['full'] / seconds[name],
-        'speedup_layers': depth.size * stack.num_layers / layer_cost(depth, early.exit_layers,
-                                                                   stack.num_layers).sum(),
-        'mean_exit_index': float(np.asarray(out.exit_index).mean())}
+            'repeats': repeats, 'weight_bytes': dataclasses.asdict(weights),
+            'full': {**timing('full'), 'compile_s': compile_s['full']}, 'early_exit': {}}
+  full_timing = result['full']
+  for name, setting in settings.items():
+    outs = {n: jax.device_get(decode(n, setting)) for n in lengths}
+    out = outs[max_new_tokens]
+    steps = int(out.num_steps)
+    depth = np.asarray(out.step_depth)[:steps]
+    bytes_n = weights.decode(out.segment_passes, out.step_depth, steps)
+    entry = {**timing(name), 'compile_s': compile_s['early_exit'],
+             'speedup': full_timing['seconds'] / seconds[(name, max_new_tokens)],
+             'ideal': weights.full_step * steps / bytes_n,
+             'speedup_layers': depth.size * stack.num_layers / layer_cost(depth, tuple(exit_layers),
+                                                                        stack.num_layers).sum(),
+             'mean_exit_index': float(np.asarray(out.exit_index).mean()),
+             'step_depths': depth.tolist()}
+    entry['share_of_ideal'] = entry['speedup'] / entry['ideal']
+    if len(lengths) == 2:
+      one = outs[1]
+      step_bytes = (bytes_n - weights.decode(one.segment_passes, one.step_depth, int(one.num_steps))) / (steps - 1)
+      entry['step_speedup'] = full_timing['step_s'] / entry['step_s']
+      entry['step_ideal'] = weights.full_step / step_bytes
+      entry['step_share_of_ideal'] = entry['step_speedup'] / entry['step_ideal']
+    result['early_exit'][name] = entry
   return result
 
 
@@ -125,3 +207,42 @@ def random_model(config: OPTConfig, exit_layers: Sequence[int], dtype=jnp.float3
   exit_params = tuple({'layers': jax.tree.map(lambda x: x[None], lm_params['layers'][layer])}
                       for layer in exits_lib.validate_layers(exit_layers, config.num_hidden_layers))
   return stack, lm_params, exit_params
+
+
+def accelerator_report(replay_schedules: dict, replay_tokens: int, batch_sizes: Sequence[int] = (1, 8, 32),
+                       prompt_length: int = 40, new_tokens: int = 16) -> dict:
+  """The decoding report for one GPU or TPU (a few minutes on an H100-class device).
+
+  A random bfloat16 OPT-2.7B-shaped LM (exits after layers 8, 16, 24) at each batch size: full depth,
+  every token at exit 0 and never exiting (per call and per step, against the weight-bytes ideal), the
+  trained run's replayed decisions (`replay_schedules`, N = `replay_tokens`), compile times, device
+  memory and the full-depth step against the weight-read floor (weight bytes / memory bandwidth). Then
+  what the decode loop itself costs per step on this backend: a 2-layer width-64 LM, where weights are
+  negligible, with and without an exit (the predicate and conditional of one segment).
+  """
+  layers = (8, 16, 24)
+  stack, lm_params, exit_params = random_model(opt_2p7b_shape(), layers, jnp.bfloat16)
+  bandwidth = device_bandwidth_gbps()
+  results = []
+  for b in batch_sizes:
+    result = benchmark_decoding(stack, lm_params, exit_params, layers, batch_size=b, prompt_length=prompt_length,
+                                max_new_tokens=new_tokens, repeats=3)
+    if replay_schedules:
+      replayed = benchmark_decoding(stack, lm_params, exit_params, layers, batch_size=b,
+                                    prompt_length=prompt_length, max_new_tokens=replay_tokens, repeats=3,
+                                    thresholds=(), schedules=replay_schedules, per_step=False)
+      result['replayed'] = replayed['early_exit']
+    if bandwidth:
+      floor = (sum(result['weight_bytes']['segments']) + result['weight_bytes']['head']) / (bandwidth * 1e9)
+      result['weight_read_floor_s'] = floor
+      result['full_step_over_floor'] = result['full']['step_s'] / floor
+    results.append(result)
+  tiny = OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                   max_position_embeddings=256, word_embed_proj_dim=64)
+  tiny_stack, tiny_params, tiny_exits = random_model(tiny, (1,))
+  loop = benchmark_decoding(tiny_stack, tiny_params, tiny_exits, (1,), batch_size=1, prompt_length=8,
+                            max_new_tokens=64, repeats=5, thresholds=(conf_lib.NEVER_EXIT,))
+  return {'device': jax.devices()[0].device_kind, 'bandwidth_gbps': bandwidth, 'results': results,
+          'loop_step_s': {'full': loop['full']['step_s'],
+                          'one_exit_never': loop['early_exit'][str(conf_lib.NEVER_EXIT)]['step_s']},
+          'peak_memory': peak_memory()}

@@ -39,7 +39,7 @@ from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.eval import analysis, metrics
 from free_jax.inference import calibrate as calibrate_lib
 from free_jax.inference import confidence as conf_lib
-from free_jax.inference.early_exit import EarlyExitDecoder, layer_cost
+from free_jax.inference.early_exit import PROPAGATION_MODES, EarlyExitDecoder, layer_cost
 from free_jax.models import blip2
 from free_jax.training import backbone_step, checkpoint, free_step, pipeline
 
@@ -80,7 +80,7 @@ class Evaluator:
     tok = backbone.tokenizer
     common = dict(max_new_tokens=e.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     self.early = EarlyExitDecoder(self.stack, self.exit_layers, confidence=e.confidence, prefill=e.prefill,
-                                  **common)
+                                  propagation=e.propagation, **common)
     self.full = EarlyExitDecoder(self.stack, (), **common)
     # Decoding form (per-layer arrays), made once: see `EarlyExitDecoder.prepare`.
     self.lm_params, self.decode_exit_params = self.early.prepare(backbone.params['language_model'], exit_params)
@@ -139,6 +139,13 @@ class Evaluator:
       cost += layer_cost(depth, decoder.exit_layers, self.stack.num_layers).sum()
       full_cost += depth.size * self.stack.num_layers
     return np.concatenate(tokens), np.concatenate(exits), cost, full_cost
+
+  def step_depths(self, decoder: EarlyExitDecoder, batches: list[dict], prepared: list, value: float) -> list:
+    """Per batch, the exit each decode step stopped at (int lists): a run's decisions, to replay elsewhere."""
+    setting = self._setting(value) if decoder.num_exits else {}
+    outs = jax.device_get([decoder(self.lm_params, self.decode_exit_params, p, b['valid'], encoder=enc, **setting)
+                           for b, (p, enc) in zip(batches, prepared)])
+    return [o.step_depth[:int(o.num_steps)].tolist() for o in outs]
 
   def texts(self, tokens: np.ndarray) -> list[str]:
     return tokenizer_lib.decode(self.backbone.tokenizer, tokens)
@@ -235,6 +242,8 @@ def _check_eval_config(config: ml_collections.ConfigDict) -> None:
   if e.timing_repeats < 1 or e.batch_size < 1 or e.num_sweep_thresholds < 2:
     raise ValueError(f'eval.timing_repeats={e.timing_repeats}, eval.batch_size={e.batch_size} must be >= 1 and '
                      f'eval.num_sweep_thresholds={e.num_sweep_thresholds} >= 2')
+  if e.propagation not in PROPAGATION_MODES:
+    raise ValueError(f'eval.propagation={e.propagation!r}; expected one of {PROPAGATION_MODES}')
   if e.calibration_method not in calibrate_lib.METHODS:
     raise ValueError(f'eval.calibration_method={e.calibration_method!r}; expected one of {calibrate_lib.METHODS}')
 
@@ -300,6 +309,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       'threshold': value,
       'confidence': e.confidence,
       'prefill': e.prefill,
+      'propagation': e.propagation,
       'calibration': calibration,
       'test_risk': test_risk,
       'calibration_reference': e.calibration_reference,
@@ -307,6 +317,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       'exit_layers': list(ev.exit_layers),
       'mean_exit_layer': float(depth_layers[exit_index[generated]].mean()),
       'exit_histogram': dict(zip(names, histogram.tolist())),
+      'step_depths': ev.step_depths(ev.early, test_batches, test_prompts, value),
       'speedup_layers': full_cost / cost,
       'speedup_decode_wallclock': decode_timing['speedup'],
       'speedup_end_to_end_wallclock': e2e_timing['speedup'],
