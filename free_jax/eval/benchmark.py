@@ -210,7 +210,8 @@ def random_model(config: OPTConfig, exit_layers: Sequence[int], dtype=jnp.float3
 
 
 def accelerator_report(replay_schedules: dict, replay_tokens: int, batch_sizes: Sequence[int] = (1, 8, 32),
-                       prompt_length: int = 40, new_tokens: int = 16) -> dict:
+                       prompt_length: int = 40, new_tokens: int = 16, model: OPTConfig | None = None,
+                       exit_layers: Sequence[int] = (8, 16, 24), dtype=jnp.bfloat16) -> dict:
   """The decoding report for one GPU or TPU (a few minutes on an H100-class device).
 
   A random bfloat16 OPT-2.7B-shaped LM (exits after layers 8, 16, 24) at each batch size: full depth,
@@ -220,8 +221,8 @@ def accelerator_report(replay_schedules: dict, replay_tokens: int, batch_sizes: 
   what the decode loop itself costs per step on this backend: a 2-layer width-64 LM, where weights are
   negligible, with and without an exit (the predicate and conditional of one segment).
   """
-  layers = (8, 16, 24)
-  stack, lm_params, exit_params = random_model(opt_2p7b_shape(), layers, jnp.bfloat16)
+  layers = tuple(exit_layers)
+  stack, lm_params, exit_params = random_model(model or opt_2p7b_shape(), layers, dtype)
   bandwidth = device_bandwidth_gbps()
   results = []
   for b in batch_sizes:
