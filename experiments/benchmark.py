@@ -93,6 +93,14 @@ def main(argv):
     summary['memory_bound'] = [{'exit_layers': list(layers), **benchmark.benchmark_decoding(
         stack, lm_params, exit_params, layers, batch_size=b, prompt_length=p, max_new_tokens=17, repeats=3,
         prompt_vocab=8192)} for p in (64, 512) for b in (1, 8)]
+    # Speculative decoding with exit 0 drafting 4 tokens a round: a perfect drafter (the layers after it
+    # silenced, same compute) and the untrained random exit (low acceptance).
+    perfect = benchmark.identity_after(lm_params, exit_params, layers[0], 0)
+    summary['memory_bound_speculative'] = [
+        {'drafter': name, **benchmark.benchmark_speculative(
+            stack, *params, layers, draft_exit=0, max_draft=4, batch_size=b, prompt_length=64, max_new_tokens=17,
+            repeats=3, prompt_vocab=8192)}
+        for name, params in (('perfect', perfect), ('random', (lm_params, exit_params))) for b in (1, 8)]
   if _OPT2P7B.value:
     layers = (8, 16, 24)
     stack, lm_params, exit_params = benchmark.random_model(benchmark.opt_2p7b_shape(), layers,
@@ -114,6 +122,10 @@ def main(argv):
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   rows = summary['results'] + summary.get('memory_bound', []) + summary.get('opt2p7b', [])
+  for r in summary.get('memory_bound_speculative', []):
+    v = r['speculative']['0.0']
+    print(f"speculative ({r['drafter']} drafter) batch {r['batch_size']}: x{v['speedup']:.2f} of ideal x{v['ideal']:.2f}, "
+          f"acceptance {v['acceptance']:.2f}, {v['tokens_per_round']:.2f} tokens/round, identical: {v['identical']}")
   for r in rows + summary.get('accelerator', {}).get('results', []):
     speeds = ', '.join(f"{t}: x{v['speedup']:.2f} of ideal x{v['ideal']:.2f} ({100 * v['share_of_ideal']:.0f}%)"
                        + (f", per step x{v['step_speedup']:.2f} ({100 * v['step_share_of_ideal']:.0f}%)"

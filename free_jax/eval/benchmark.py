@@ -247,3 +247,62 @@ def accelerator_report(replay_schedules: dict, replay_tokens: int, batch_sizes: 
           'loop_step_s': {'full': loop['full']['step_s'],
                           'one_exit_never': loop['early_exit'][str(conf_lib.NEVER_EXIT)]['step_s']},
           'peak_memory': peak_memory()}
+
+
+def identity_after(lm_params: PyTree, exit_params: tuple, layer: int, draft_exit: int) -> tuple[PyTree, tuple]:
+  """OPT params (decoding form) whose layers >= `layer` and whose draft exit add nothing to the residual
+  stream (zero attention-output and fc2 projections): the same compute and bytes, but the draft exit then
+  predicts exactly what the full model does, a drafter with 100% acceptance."""
+  def silent(p):
+    return {**p, 'self_attn': {**p['self_attn'], 'out_proj': jax.tree.map(jnp.zeros_like, p['self_attn']['out_proj'])},
+            'mlp': {**p['mlp'], 'fc2': jax.tree.map(jnp.zeros_like, p['mlp']['fc2'])}}
+  layers = tuple(silent(p) if l >= layer else p for l, p in enumerate(lm_params['layers']))
+  exits = list(exit_params)
+  one = jax.tree.map(lambda x: x[0], exits[draft_exit]['layers'])
+  exits[draft_exit] = {**exits[draft_exit], 'layers': jax.tree.map(lambda x: x[None], silent(one))}
+  return {**lm_params, 'layers': layers}, tuple(exits)
+
+
+def benchmark_speculative(stack, lm_params: PyTree, exit_params: PyTree, exit_layers: Sequence[int], *,
+                          draft_exit: int, max_draft: int, batch_size: int, prompt_length: int,
+                          max_new_tokens: int, repeats: int, thresholds: Sequence[float] = (0.0,),
+                          seed: int = 0, prompt_vocab: int | None = None) -> dict:
+  """Speculative decoding (`EarlyExitDecoder(mode='speculative')`) against full greedy on random prompts.
+
+  Returns {'draft_exit', 'max_draft', 'batch_size', ..., 'full': {'seconds', 'tokens_per_s'},
+  'speculative': {str(threshold): {'seconds', 'tokens_per_s', 'speedup', 'ideal' (weight bytes),
+  'share_of_ideal', 'identical' (tokens == full greedy), 'acceptance', 'tokens_per_round', 'rounds',
+  'bytes_per_token', 'layers_per_token'}}}.
+  """
+  vocab = prompt_vocab or stack.config.vocab_size
+  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
+  valid = np.ones((batch_size, prompt_length), bool)
+  full = EarlyExitDecoder(stack, (), max_new_tokens=max_new_tokens, eos_token_id=None)
+  spec = EarlyExitDecoder(stack, tuple(exit_layers), max_new_tokens=max_new_tokens, eos_token_id=None,
+                          mode='speculative', draft_exit=draft_exit, max_draft=max_draft)
+  lm_params, exit_params = spec.prepare(lm_params, exit_params)
+  weights = cost.WeightBytes.of(lm_params, exit_params, tuple(exit_layers))
+  runs = {'full': lambda: full(lm_params, None, ids, valid).tokens}
+  runs.update({str(float(t)): (lambda t=t: spec(lm_params, exit_params, ids, valid, t).tokens) for t in thresholds})
+  seconds = interleaved_medians(runs, repeats)
+  reference = np.asarray(full(lm_params, None, ids, valid).tokens)
+  tokens = batch_size * max_new_tokens
+  result = {'draft_exit': draft_exit, 'max_draft': max_draft, 'batch_size': batch_size,
+            'prompt_length': prompt_length, 'max_new_tokens': max_new_tokens, 'repeats': repeats,
+            'full': {'seconds': seconds['full'], 'tokens_per_s': tokens / seconds['full']}, 'speculative': {}}
+  layer_bytes = sum(weights.segments) / stack.num_layers
+  for t in thresholds:
+    out = jax.device_get(spec(lm_params, exit_params, ids, valid, t))
+    name, rounds = str(float(t)), int(out.rounds)
+    spent = weights.speculative(out.segment_passes, rounds, draft_exit)
+    drafted = int(np.sum(out.drafted))
+    entry = {'seconds': seconds[name], 'tokens_per_s': tokens / seconds[name],
+             'speedup': seconds['full'] / seconds[name],
+             'ideal': weights.full_step * max_new_tokens / spent,
+             'identical': bool(np.array_equal(np.asarray(out.tokens), reference)),
+             'acceptance': float(np.sum(out.accepted)) / drafted if drafted else 0.0,
+             'tokens_per_round': (max_new_tokens - 1) / max(rounds, 1), 'rounds': rounds,
+             'bytes_per_token': spent / max_new_tokens, 'layers_per_token': spent / max_new_tokens / layer_bytes}
+    entry['share_of_ideal'] = entry['speedup'] / entry['ideal']
+    result['speculative'][name] = entry
+  return result

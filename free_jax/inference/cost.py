@@ -10,7 +10,9 @@ speedup is reported as a share of that ideal.
 Bytes of a decode (`DecodeOutput`): every pass over segment j reads the segment's backbone layers and exit
 j's layer (`segment_passes`, catch-up passes included); every step reads the LM head once per exit it
 scored plus once at the final layer (`step_depth`). The token embedding (one row per token) is ignored.
-CALM projections read only the K/V projections of skipped layers and are not counted.
+CALM projections read only the K/V projections of skipped layers and are not counted. A speculative
+round reads the shallow weights once per draft step and the deep ones once for all drafts
+(`WeightBytes.speculative`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ class WeightBytes:
     depth = np.asarray(step_depth)[:num_steps]
     weights = np.asarray(self.segments, np.int64) + np.asarray((*self.exits, 0), np.int64)
     return int(passes @ weights + (depth + 1).sum() * self.head)
+
+  def speculative(self, segment_passes, rounds: int, draft_exit: int) -> int:
+    """Bytes of a speculative decode (`speculative`): segment_passes[0] counts the prefill and draft
+    steps, each reading segments 0..i, exit i's layer and the head; each of the `rounds` verifications
+    reads the deeper segments and the head once (for all k + 1 positions)."""
+    passes = np.asarray(segment_passes, np.int64)
+    shallow = int(passes[0])
+    return int(passes @ np.asarray(self.segments, np.int64) + shallow * self.exits[draft_exit]
+               + (shallow + int(rounds)) * self.head)
 
   def ideal_speedup(self, depth: int) -> float:
     """Full-depth bytes over the bytes of a step that stops at exit `depth` (E: never exits)."""

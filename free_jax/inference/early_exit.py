@@ -43,11 +43,13 @@ import numpy as np
 from free_jax import exits as exits_lib
 from free_jax.inference import confidence as conf_lib
 from free_jax.inference import propagation
+from free_jax.inference import speculative
 from free_jax.models import lm_api
 from free_jax.models.layers import layer_at
 
 PyTree = Any
 PREFILL_MODES = ('early_exit', 'full')
+MODES = ('early_exit', 'speculative')
 PROPAGATION_MODES = propagation.MODES
 
 
@@ -64,6 +66,10 @@ class DecodeOutput:
     num_steps: int32[] steps run (<= N; fewer when every row hit EOS).
     segment_passes: int32[E + 1] passes over each segment's weights (a step's own pass, and the
       catch-up passes of deferred computation: `propagation`); the cost model reads it.
+
+  With mode='speculative' (`speculative`), exit_index is the draft exit for accepted drafts and E for the
+  full model's own tokens, step_depth is -1 (there are no per-token steps), num_steps counts the prefill
+  and the rounds, and segment_passes the draft steps (segments up to the draft exit) and verifications.
   """
 
   tokens: jax.Array
@@ -71,6 +77,9 @@ class DecodeOutput:
   step_depth: jax.Array
   num_steps: jax.Array
   segment_passes: jax.Array
+  rounds: jax.Array | None = None    # mode='speculative': int32[] draft-and-verify rounds
+  drafted: jax.Array | None = None   # int32[B] drafts each row proposed
+  accepted: jax.Array | None = None  # int32[B] drafts each row accepted (acceptance = accepted / drafted)
 
 
 @flax.struct.dataclass
@@ -132,6 +141,10 @@ class EarlyExitDecoder:
     propagation: how the K/V of skipped layers are filled in when a later step enters them
       (`propagation`): 'recompute' (default, exact) or 'calm' (projected from the exit state).
     catch_up_window: W, decode slots caught up per pass over a segment's weights.
+    mode: 'early_exit' (default) or 'speculative' (`speculative`: exit `draft_exit` drafts up to
+      `max_draft` tokens a round, the deeper layers verify them; the tokens equal full greedy).
+    draft_exit: the drafting exit (speculative mode).
+    max_draft: k, drafts per round (speculative mode).
   """
 
   stack: Any
@@ -143,6 +156,9 @@ class EarlyExitDecoder:
   prefill: str = 'early_exit'
   propagation: str = 'recompute'
   catch_up_window: int = 8
+  mode: str = 'early_exit'
+  draft_exit: int = 0
+  max_draft: int = 4
   # Compiled executables by input shape; `traces` counts Python traces (tests assert no retrace).
   _compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
   _counters: dict = dataclasses.field(default_factory=lambda: {'traces': 0}, compare=False,
@@ -161,6 +177,16 @@ class EarlyExitDecoder:
     if isinstance(self.catch_up_window, bool) or not isinstance(self.catch_up_window, int) or (
         self.catch_up_window < 1):
       raise ValueError(f'catch_up_window={self.catch_up_window!r} must be a positive integer')
+    if self.mode not in MODES:
+      raise ValueError(f'mode={self.mode!r}; expected one of {MODES}')
+    if self.mode == 'speculative':
+      if not self.exit_layers or not 0 <= self.draft_exit < len(self.exit_layers):
+        raise ValueError(f'draft_exit={self.draft_exit} must index one of exit_layers={self.exit_layers}')
+      if isinstance(self.max_draft, bool) or not isinstance(self.max_draft, int) or self.max_draft < 1:
+        raise ValueError(f'max_draft={self.max_draft!r} must be a positive integer')
+      if self.confidence == 'patience':
+        raise ValueError("mode='speculative' drafts while the draft exit is confident: confidence='patience' "
+                         'has no threshold to stop drafting at')
     if self.prefill not in PREFILL_MODES:
       raise ValueError(f'prefill={self.prefill!r}; expected one of {PREFILL_MODES}')
     if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or (
@@ -311,7 +337,8 @@ class EarlyExitDecoder:
                       exit_cache=sub.exit_cache.replace(k=merge(sub.exit_cache.k, s.exit_cache.k),
                                                         v=merge(sub.exit_cache.v, s.exit_cache.v)))
     # The final head answers every row still undecided. Outside the last segment's conditional: with the
-    # head inside, XLA copies that segment's caches at every step.
+    # head inside, XLA copies that segment's caches at every step. (Wrapping the deeper segments in one
+    # more conditional, to skip them all with one predicate, brings the copies back as well.)
     return propagation.branch(~jnp.all(s.decided), functools.partial(self._final_head, call), lambda s: s, s)
 
   def _final_head(self, call: _Call, s: _StepState) -> _StepState:
@@ -347,6 +374,9 @@ class EarlyExitDecoder:
     call = _Call(lm_params=lm_params, exit_params=exit_params,
                  exit_constants=tuple(self.stack.layer_constants(e['layers'], encoder) for e in exit_params),
                  encoder=encoder, patience=patience, prompt_length=prompt_valid.shape[1])
+    if self.mode == 'speculative':
+      out = self._decode_speculative(call, thresholds, prompt, prompt_valid)
+      return (out, None) if with_cache else out
     batch, prompt_length = prompt_valid.shape
     n = self.max_new_tokens
     # Catch-up windows may write up to W slots past the current one (`propagation`): spare slots.
@@ -394,6 +424,15 @@ class EarlyExitDecoder:
     out = DecodeOutput(tokens=tokens, exit_index=exit_indices, step_depth=depths, num_steps=t,
                        segment_passes=passes)
     return (out, cache) if with_cache else out
+
+  def _decode_speculative(self, call: _Call, thresholds, prompt, prompt_valid) -> DecodeOutput:
+    tokens, exit_index, rounds, drafted, accepted, draft_steps = speculative.decode(
+        self, call.lm_params, call.exit_params, call.exit_constants, call.encoder, thresholds, prompt,
+        prompt_valid)
+    passes = jnp.where(jnp.arange(self.num_exits + 1) <= self.draft_exit, draft_steps + 1, rounds + 1)
+    return DecodeOutput(tokens=tokens, exit_index=exit_index, step_depth=jnp.full((self.max_new_tokens,), -1, jnp.int32),
+                        num_steps=rounds + 1, segment_passes=passes.astype(jnp.int32), rounds=rounds,
+                        drafted=drafted, accepted=accepted)
 
   def _is_eos(self, token: jax.Array) -> jax.Array:
     if self.eos_token_id is None:

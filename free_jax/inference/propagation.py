@@ -114,29 +114,31 @@ def enter(segment: int, deferred: Deferred, caches: Caches, h: jax.Array, ctx: P
     (deferred, caches, h_out float[B, 1, D], exit_out float[B, 1, D] or None for the final segment).
   """
   slot = caches[0].index
-  if prompt_length:
-    deferred, caches = branch(
-        deferred.done[segment] < prompt_length,
-        lambda d, c: _prompt_pass(segment, d, c, run, project, context, mode, prompt_length),
-        lambda d, c: (d, c), deferred, caches)
+  # Conditionals in which one branch writes the caches and the other passes them through (one whose
+  # branches both update a buffer in place copies it, see `branch`): the catch-up (skipped in the
+  # common case, where the segment is missing nothing), then, unless it ran the token too, the token.
+  behind = deferred.done[segment] < slot
+  no_exit_out = jnp.zeros_like(h) if has_exit else None
+
+  def catch_up(deferred, caches, h):
+    if prompt_length:
+      deferred, caches = branch(
+          deferred.done[segment] < prompt_length,
+          lambda d, c: _prompt_pass(segment, d, c, run, project, context, mode, prompt_length),
+          lambda d, c: (d, c), deferred, caches)
+    if mode == 'calm':
+      deferred, caches = _project_windows(segment, deferred, caches, project, window)
+      return deferred, caches, h, no_exit_out
+    return _run_windows(segment, deferred, caches, h, run, context, window, has_exit)
 
   def token_pass(deferred, caches, h):
     h, exit_out, caches = run(h, caches, ctx)
     return deferred.ran(segment, slot + 1), caches, h, exit_out
 
-  if mode == 'calm':
-    deferred, caches = branch(
-        deferred.done[segment] < slot,
-        lambda d, c: _project_windows(segment, d, c, project, window),
-        lambda d, c: (d, c), deferred, caches)
+  deferred, caches, h, exit_out = branch(behind, catch_up, lambda d, c, h: (d, c, h, no_exit_out),
+                                         deferred, caches, h)
+  if mode == 'calm':  # the catch-up projected K/V only: the token always runs
     return token_pass(deferred, caches, h)
-  # Two conditionals, each with one branch that writes the caches and one that passes them through
-  # (a conditional whose branches both update a buffer in place copies it, see `branch`).
-  behind = deferred.done[segment] < slot
-  no_exit_out = jnp.zeros_like(h) if has_exit else None
-  deferred, caches, h, exit_out = branch(
-      behind, lambda d, c, h: _run_windows(segment, d, c, h, run, context, window, has_exit),
-      lambda d, c, h: (d, c, h, no_exit_out), deferred, caches, h)
   return branch(~behind, token_pass, lambda d, c, h: (d, c, h, exit_out), deferred, caches, h)
 
 
