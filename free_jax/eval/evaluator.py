@@ -39,6 +39,7 @@ from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.eval import analysis, metrics
 from free_jax.inference import calibrate as calibrate_lib
 from free_jax.inference import confidence as conf_lib
+from free_jax.inference import cost as cost_lib
 from free_jax.inference.early_exit import PROPAGATION_MODES, EarlyExitDecoder, layer_cost
 from free_jax.models import blip2
 from free_jax.training import backbone_step, checkpoint, free_step, pipeline
@@ -84,6 +85,7 @@ class Evaluator:
     self.full = EarlyExitDecoder(self.stack, (), **common)
     # Decoding form (per-layer arrays), made once: see `EarlyExitDecoder.prepare`.
     self.lm_params, self.decode_exit_params = self.early.prepare(backbone.params['language_model'], exit_params)
+    self.weights = cost_lib.WeightBytes.of(self.lm_params, self.decode_exit_params, self.exit_layers)
     self._prompt_fn = jax.jit(self._prompt_inputs)
     self._teacher_fn = jax.jit(self._teacher_forced)
 
@@ -127,17 +129,23 @@ class Evaluator:
     return {'thresholds': value}
 
   def decode(self, decoder: EarlyExitDecoder, batches: list[dict], prepared: list, value: float = 0.0):
-    """Host arrays (tokens int[N, T], exit_index int[N, T], executed layers, full layers) over valid rows."""
+    """Host arrays over valid rows: (tokens int[N, T], exit_index int[N, T], cost, full-depth cost), the
+    costs as float[2] [layers executed, weight bytes read] (`inference.cost`)."""
     setting = self._setting(value) if decoder.num_exits else {}
     outs = [decoder(self.lm_params, self.decode_exit_params, p, b['valid'], encoder=enc, **setting)
             for b, (p, enc) in zip(batches, prepared)]
-    tokens, exits, cost, full_cost = [], [], 0.0, 0.0
+    tokens, exits, cost, full_cost = [], [], np.zeros(2), np.zeros(2)
     for b, o in zip(batches, jax.device_get(outs)):
       tokens.append(o.tokens[b['rows']])
       exits.append(o.exit_index[b['rows']])
-      depth = o.step_depth[:int(o.num_steps)]
-      cost += layer_cost(depth, decoder.exit_layers, self.stack.num_layers).sum()
-      full_cost += depth.size * self.stack.num_layers
+      steps = int(o.num_steps)
+      depth = o.step_depth[:steps]
+      if decoder.num_exits:
+        spent = self.weights.decode(o.segment_passes, o.step_depth, steps)
+      else:
+        spent = steps * self.weights.full_step
+      cost += (layer_cost(depth, decoder.exit_layers, self.stack.num_layers).sum(), spent)
+      full_cost += (steps * self.stack.num_layers, steps * self.weights.full_step)
     return np.concatenate(tokens), np.concatenate(exits), cost, full_cost
 
   def step_depths(self, decoder: EarlyExitDecoder, batches: list[dict], prepared: list, value: float) -> list:
@@ -298,7 +306,8 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
     # Interleaved with full-depth passes per threshold: a machine's speed drifts over a sweep.
     sw_timing = ev.time_interleaved(timed, test_prompts[:len(timed)], v, min(3, e.timing_repeats))
     sweep.append({'threshold': float(v), 'quality': score(ev.task, ev.texts(sw_tokens), test)[0],
-                  'speedup_layers': sw_full / sw_cost, 'speedup_decode_wallclock': sw_timing['speedup']})
+                  'speedup_layers': sw_full[0] / sw_cost[0], 'speedup_ideal': sw_full[1] / sw_cost[1],
+                  'speedup_decode_wallclock': sw_timing['speedup']})
 
   teacher = ev.teacher_forced_quality(test)
   names = [f'exit{l}' for l in ev.exit_layers] + ['final']
@@ -318,7 +327,8 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       'mean_exit_layer': float(depth_layers[exit_index[generated]].mean()),
       'exit_histogram': dict(zip(names, histogram.tolist())),
       'step_depths': ev.step_depths(ev.early, test_batches, test_prompts, value),
-      'speedup_layers': full_cost / cost,
+      'speedup_layers': full_cost[0] / cost[0],
+      'speedup_ideal': full_cost[1] / cost[1],  # weight bytes read (`inference.cost`)
       'speedup_decode_wallclock': decode_timing['speedup'],
       'speedup_end_to_end_wallclock': e2e_timing['speedup'],
       'timing': {'decode': decode_timing, 'end_to_end': e2e_timing, 'examples': min(timing_count, config.data.num_test),
