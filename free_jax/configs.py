@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.prefill = 'early_exit'      # 'early_exit': the prompt step may exit too; 'full': prompt at full depth
   c.eval.propagation = 'recompute'   # skipped layers' K/V: 'recompute' (exact, deferred) or 'calm' (projected)
   c.eval.timing_examples = 128       # test examples in the wall-clock timing (0 = all of data.num_test)
+  # Speculative decoding (lossless: drafts by an exit, verified by the deeper layers): the draft lengths k
+  # tried with every exit on the calibration split; the fastest is evaluated on the test split. (): skip.
+  c.eval.draft_lengths = (2, 4)
   return c
 
 
@@ -132,6 +135,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.log_every, c.train.checkpoint_every = 5, 5
   c.discriminator.hidden = 32
   c.eval.timing_repeats, c.eval.num_sweep_thresholds = 2, 3
+  c.eval.draft_lengths = ()
   return c
 
 

@@ -251,3 +251,28 @@ def plot_exit_histogram(counts, path: str, *, labels: Sequence[str] | None = Non
   ax.set_xlabel('exit')
   ax.set_ylabel('fraction of tokens')
   return _save(fig, path)
+
+
+def plot_modes(modes: Mapping[str, tuple[float, float]], path: str, *, quality_label: str = 'quality',
+               title: str | None = None) -> str:
+  """Decode modes side by side: quality and measured decode speedup over full depth.
+
+  Args:
+    modes: name -> (quality, speedup), e.g. full, early exit at the calibrated threshold, speculative.
+    path: PNG file to write.
+
+  Returns:
+    path.
+  """
+  if not modes:
+    raise ValueError('modes is empty')
+  names = list(modes)
+  quality, speedup = (np.asarray([modes[n][j] for n in names], np.float64) for j in (0, 1))
+  fig, ax = _new_axes(title)
+  ax.barh(names, speedup)
+  for y, (q, v) in enumerate(zip(quality, speedup)):
+    ax.annotate(f'{quality_label} {q:.3f}', (v, y), xytext=(4, 0), textcoords='offset points', va='center')
+  ax.axvline(1.0, color='grey', linewidth=0.8)
+  ax.set_xlabel('measured decode speedup over full depth (x)')
+  ax.set_xlim(0, max(1.0, float(speedup.max())) * 1.6)
+  return _save(fig, path)

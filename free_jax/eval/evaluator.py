@@ -21,6 +21,7 @@ For patience, the swept/calibrated "threshold" is the patience k (largest = most
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -86,6 +87,7 @@ class Evaluator:
     # Decoding form (per-layer arrays), made once: see `EarlyExitDecoder.prepare`.
     self.lm_params, self.decode_exit_params = self.early.prepare(backbone.params['language_model'], exit_params)
     self.weights = cost_lib.WeightBytes.of(self.lm_params, self.decode_exit_params, self.exit_layers)
+    self._speculative = {}
     self._prompt_fn = jax.jit(self._prompt_inputs)
     self._teacher_fn = jax.jit(self._teacher_forced)
 
@@ -171,12 +173,21 @@ class Evaluator:
     jax.block_until_ready(outs)
     return time.perf_counter() - start
 
-  def time_interleaved(self, batches: list[dict], prepared: list | None, value: float, repeats: int) -> dict:
-    """Median seconds of full vs early exit, alternating passes after one warm-up pass of each."""
+  def speculative_decoder(self, draft_exit: int, max_draft: int) -> EarlyExitDecoder:
+    """The lossless draft-and-verify decoder with exit `draft_exit` drafting up to `max_draft` tokens."""
+    key = (draft_exit, max_draft)
+    if key not in self._speculative:
+      self._speculative[key] = dataclasses.replace(self.early, mode='speculative', draft_exit=draft_exit,
+                                                   max_draft=max_draft, _compiled={}, _counters={'traces': 0})
+    return self._speculative[key]
+
+  def time_interleaved(self, batches: list[dict], prepared: list | None, value: float, repeats: int,
+                       decoder: EarlyExitDecoder | None = None) -> dict:
+    """Median seconds of full vs early exit (or `decoder`), alternating passes after one warm-up each."""
     times = {'full': [], 'early_exit': []}
     for r in range(repeats + 1):
-      for name, decoder in (('full', self.full), ('early_exit', self.early)):
-        t = self.time_pass(decoder, batches, prepared, value)
+      for name, decoder_ in (('full', self.full), ('early_exit', decoder or self.early)):
+        t = self.time_pass(decoder_, batches, prepared, value)
         if r:
           times[name].append(t)
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -250,6 +261,9 @@ def _check_eval_config(config: ml_collections.ConfigDict) -> None:
   if e.timing_repeats < 1 or e.batch_size < 1 or e.num_sweep_thresholds < 2:
     raise ValueError(f'eval.timing_repeats={e.timing_repeats}, eval.batch_size={e.batch_size} must be >= 1 and '
                      f'eval.num_sweep_thresholds={e.num_sweep_thresholds} >= 2')
+  lengths = tuple(e.draft_lengths)
+  if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in lengths):
+    raise ValueError(f'eval.draft_lengths={lengths} must be positive integers')
   if e.propagation not in PROPAGATION_MODES:
     raise ValueError(f'eval.propagation={e.propagation!r}; expected one of {PROPAGATION_MODES}')
   if e.calibration_method not in calibrate_lib.METHODS:
@@ -309,6 +323,10 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
                   'speedup_layers': sw_full[0] / sw_cost[0], 'speedup_ideal': sw_full[1] / sw_cost[1],
                   'speedup_decode_wallclock': sw_timing['speedup']})
 
+  speculative = None
+  if e.draft_lengths and e.confidence != 'patience':
+    speculative = speculative_evaluation(ev, value, full_tokens, test, test_batches, test_prompts, len(timed))
+
   teacher = ev.teacher_forced_quality(test)
   names = [f'exit{l}' for l in ev.exit_layers] + ['final']
   summary = {
@@ -344,6 +362,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       'overthinking_rate': teacher['overthinking_rate'],
       'naive_overthinking_rate': teacher['naive_overthinking_rate'],
       'sweep': sweep,
+      'speculative': speculative,
       'num_test': config.data.num_test,
       'test_seed': config.data.test_seed,
   }
@@ -358,11 +377,56 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       os.path.join(out_dir, 'per_layer_quality.png'), layers=at + 1,
       quality_label=f'teacher-forced {teacher["unit"]} accuracy')
   analysis.plot_exit_histogram(histogram, os.path.join(out_dir, 'exit_histogram.png'), labels=names)
+  modes = {'full': (quality_full, 1.0), f'early exit ({value:g})': (quality_early, decode_timing['speedup'])}
+  if speculative is not None:
+    modes[f"speculative (exit {speculative['draft_layer']}, k={speculative['max_draft']})"] = (
+        speculative['quality'], speculative['speedup_decode_wallclock'])
+  analysis.plot_modes(modes, os.path.join(out_dir, 'modes.png'), quality_label=summary['quality_metric'])
   path = os.path.join(out_dir, SUMMARY_FILE)
   with open(path + '.tmp', 'w') as f:
     json.dump(summary, f, indent=1)
   os.replace(path + '.tmp', path)
   return summary
+
+
+def speculative_evaluation(ev: Evaluator, value: float, full_tokens: np.ndarray, test: dict, test_batches: list,
+                           test_prompts: list, timed: int) -> dict:
+  """Lossless self-speculative decoding: (draft exit, k) chosen on the calibration split by measured
+  speed, then its tokens, statistics and wall-clock on the test split (drafting while confident >= `value`).
+
+  Returns the summary's 'speculative' entry; 'identical_to_full' must hold (the decode is lossless).
+  """
+  config, e = ev.config, ev.config.eval
+  cal = pipeline.load_examples(config, 'calibration', config.data.num_calibration, ev.backbone.fmt.image_size)
+  cal_batches = ev.batches(cal, limit=min(timed * e.batch_size, config.data.num_calibration))
+  cal_prompts = [ev.prompts(b) for b in cal_batches]
+  choices = []
+  for i in range(len(ev.exit_layers)):
+    for k in e.draft_lengths:
+      timing = ev.time_interleaved(cal_batches, cal_prompts, value, min(3, e.timing_repeats),
+                                   decoder=ev.speculative_decoder(i, k))
+      choices.append({'draft_exit': i, 'draft_layer': ev.exit_layers[i], 'max_draft': k,
+                      'speedup_decode_wallclock': timing['speedup']})
+  best = max(choices, key=lambda c: c['speedup_decode_wallclock'])
+  decoder = ev.speculative_decoder(best['draft_exit'], best['max_draft'])
+  outs = jax.device_get([decoder(ev.lm_params, ev.decode_exit_params, p, b['valid'], value, encoder=enc)
+                         for b, (p, enc) in zip(test_batches, test_prompts)])
+  tokens = np.concatenate([o.tokens[b['rows']] for b, o in zip(test_batches, outs)])
+  drafted = sum(int(o.drafted[b['rows']].sum()) for b, o in zip(test_batches, outs))
+  accepted = sum(int(o.accepted[b['rows']].sum()) for b, o in zip(test_batches, outs))
+  rounds = sum(int(o.rounds) for o in outs)
+  spent = sum(ev.weights.speculative(o.segment_passes, int(o.rounds), best['draft_exit']) for o in outs)
+  # Full greedy runs one step per generated token of its longest row.
+  eos = ev.backbone.tokenizer.eos_token_id
+  steps = [max(int(np.argmax(r == eos)) + 1 if (r == eos).any() else len(r) for r in o.tokens) for o in outs]
+  full_bytes = sum(steps) * ev.weights.full_step
+  timing = ev.time_interleaved(test_batches[:timed], test_prompts[:timed], value, e.timing_repeats, decoder=decoder)
+  return {**best, 'threshold': value, 'choices': choices,
+          'identical_to_full': bool(np.array_equal(tokens, full_tokens)),
+          'quality': score(ev.task, ev.texts(tokens), test)[0],
+          'acceptance': accepted / drafted if drafted else 0.0, 'drafted': drafted, 'accepted': accepted,
+          'rounds': rounds, 'tokens_per_round': accepted / rounds + 1 if rounds else 0.0,
+          'speedup_ideal': full_bytes / spent, 'speedup_decode_wallclock': timing['speedup'], 'timing': timing}
 
 
 def load_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[pipeline.Backbone, PyTree]:

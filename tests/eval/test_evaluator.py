@@ -91,3 +91,22 @@ def test_bad_eval_config(tmp_path):
     config = _config()
     config.exits.layers = (1, 2, 3)
     evaluator.early_exit_evaluation(config, str(tmp_path), backbone, exit_params)
+
+
+def test_speculative_mode_is_chosen_on_calibration_and_lossless(tmp_path):
+  backbone, exit_params = _run()
+  config = _config(threshold=0.3, draft_lengths=(1, 2))
+  summary = evaluator.early_exit_evaluation(config, str(tmp_path), backbone, exit_params)
+  spec = summary['speculative']
+  assert spec['identical_to_full']  # lossless whatever the (untrained) drafter
+  assert spec['quality'] == summary['quality_full']
+  assert len(spec['choices']) == 2 * len(config.exits.layers)
+  assert spec['speedup_decode_wallclock'] > 0 and 0 <= spec['acceptance'] <= 1
+  assert (spec['draft_exit'], spec['max_draft']) in {(c['draft_exit'], c['max_draft']) for c in spec['choices']}
+  assert os.path.getsize(tmp_path / 'eval' / 'modes.png') > 0
+
+
+def test_bad_draft_lengths_are_refused(tmp_path):
+  backbone, exit_params = _run()
+  with pytest.raises(ValueError, match=r'eval.draft_lengths=\(0,\) must be positive integers'):
+    evaluator.early_exit_evaluation(_config(draft_lengths=(0,)), str(tmp_path), backbone, exit_params)
