@@ -1,17 +1,31 @@
 """Quality metrics: VQAv2 accuracy, exact match and COCO caption scores.
 
-VQA accuracy follows the official VQAv2 evaluation script (`vqaEval.py`) rule
-for rule, so numbers are comparable with published ones:
+`vqa_accuracy` reproduces, per question, one of two versions of the VQAv2
+evaluation script `vqaEval.py` (GT-Vision-Lab/VQA,
+PythonEvaluationTools/vqaEvaluation/vqaEval.py):
 
-* the prediction is normalised: newlines/tabs -> spaces, strip,
-  `processPunctuation`, then `processDigitArticle` (lower-case, number words
-  -> digits, articles dropped, missing apostrophes restored);
-* reference answers are taken as given (the annotation files already hold them
-  normalised), except that when the annotators disagree they go through
-  `processPunctuation` - exactly what the official script does;
-* accuracy = mean over the leave-one-out subsets of the references of
-  min(#matches in the subset / 3, 1). With the usual 10 answers, 3 or more
-  matching annotators give 1.0, 2 give 0.6, 1 gives 0.3.
+* `rules='lavis'` (the default): the script before commit a013f00 (March 2021),
+  i.e. a4f1afd, which LAVIS copies as lavis/common/vqa_tools/vqa_eval.py and
+  with which the published BLIP-2 VQAv2 numbers were computed.
+  The prediction always gets newlines/tabs -> spaces, strip,
+  `processPunctuation`, `processDigitArticle` (lower-case, number words ->
+  digits, articles dropped, missing apostrophes restored). The reference
+  answers are used verbatim (not even stripped), except that when they are
+  not all identical each goes through `processPunctuation` (only).
+* `rules='official'`: today's script (a013f00 onwards). Prediction and
+  references always get newlines/tabs -> spaces and strip; only when the
+  (stripped) references are not all identical do both the prediction and each
+  reference go through `processPunctuation` and `processDigitArticle`. With
+  unanimous annotators the prediction is compared as typed: "Yes" scores 0
+  against ten "yes" (it scores 1 under 'lavis').
+
+Both then score the same way: for each of the n leave-one-out subsets of the
+n references, min(#references in the subset equal to the prediction / 3, 1),
+averaged over the n subsets (a subset drops one answer record; VQAv2's have
+distinct answer_ids, so equal strings are not dropped together). With the
+usual 10 answers, k matching annotators give
+(k * min((k-1)/3, 1) + (10-k) * min(k/3, 1)) / 10: 0 -> 0.0, 1 -> 0.3,
+2 -> 0.6, 3 -> 0.9, 4 or more -> 1.0.
 
 Caption scores are pycocoevalcap's `Bleu(4)` and `Cider` on text tokenised by
 pycocoevalcap's Stanford `PTBTokenizer` when `java` is on PATH; otherwise by
@@ -29,7 +43,8 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-# --- Official VQAv2 answer normalisation tables (copied from vqaEval.py). ---
+# --- VQAv2 answer normalisation tables (copied from vqaEval.py; identical in
+# the pre-2021 and today's versions and in LAVIS's copy). ---
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
     "couldnt": "couldn't", "couldn'tve": "couldn't've",
@@ -107,38 +122,70 @@ def _process_digit_article(text: str) -> str:
   return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
-def normalize_answer(answer: str) -> str:
-  """Normalises an answer as the official VQAv2 script treats a prediction.
+def _clean_whitespace(text: str) -> str:
+  """vqaEval.py's first step: newlines and tabs -> spaces, then strip."""
+  return text.replace("\n", " ").replace("\t", " ").strip()
 
+
+def normalize_answer(answer: str) -> str:
+  """Normalises an answer as vqaEval.py (pre-2021, LAVIS) does a prediction.
+
+  Whitespace clean-up, `processPunctuation`, `processDigitArticle`.
   E.g. "Two" -> "2", "a dog." -> "dog", "dont" -> "don't".
   """
-  answer = answer.replace("\n", " ").replace("\t", " ").strip()
-  return _process_digit_article(_process_punctuation(answer))
+  return _process_digit_article(_process_punctuation(_clean_whitespace(answer)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-  """Official VQAv2 accuracy of one prediction against the human answers.
+VQA_RULES = ("lavis", "official")
+
+
+def _check_rules(rules: str) -> None:
+  if rules not in VQA_RULES:
+    raise ValueError(f"rules must be one of {VQA_RULES}, got {rules!r}")
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str],
+                 rules: str = "lavis") -> float:
+  """VQAv2 accuracy of one prediction, as vqaEval.py scores one question.
 
   Args:
-    prediction: the model's answer (raw text; normalised here).
-    answers: the reference answers (10 for VQAv2). Any number >= 2 works: the
-      score is the mean over the len(answers) leave-one-out subsets.
+    prediction: the model's answer (raw text; normalised here as `rules` say).
+    answers: the reference answers (10 for VQAv2), as in the annotation file.
+      Any number >= 2 works: the score is the mean over the len(answers)
+      leave-one-out subsets.
+    rules: 'lavis' (default) - the pre-2021 vqaEval.py that LAVIS ships and
+      BLIP-2's published numbers use: the prediction is always normalised, the
+      references are verbatim or, when not unanimous, `processPunctuation`-ed.
+      'official' - today's vqaEval.py: prediction and references are
+      whitespace-cleaned, and fully normalised (punctuation, then digits/
+      articles/contractions) only when the references are not unanimous.
+      See the module docstring.
 
   Returns:
-    accuracy in [0, 1].
+    accuracy in [0, 1]: mean over the leave-one-out subsets of
+    min(#matches / 3, 1). Of 10 answers, 1/2/3/4+ matching give
+    0.3/0.6/0.9/1.0.
   """
+  _check_rules(rules)
   if isinstance(answers, str) or len(answers) < 2:
     raise ValueError(
         f"vqa_accuracy needs >= 2 reference answers (leave-one-out), got "
         f"{answers!r}; use exact_match for single-reference data")
-  pred = normalize_answer(prediction)
-  refs = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-  if len(set(refs)) > 1:
-    refs = [_process_punctuation(r) for r in refs]
+  if rules == "lavis":
+    pred = normalize_answer(prediction)
+    refs = list(answers)
+    if len(set(refs)) > 1:
+      refs = [_process_punctuation(r) for r in refs]
+  else:
+    pred = _clean_whitespace(prediction)
+    refs = [_clean_whitespace(a) for a in answers]
+    if len(set(refs)) > 1:
+      refs = [_process_digit_article(_process_punctuation(r)) for r in refs]
+      pred = _process_digit_article(_process_punctuation(pred))
   matches = sum(r == pred for r in refs)
   # Leaving out annotator i removes one match iff annotator i matched.
-  per_subset = [min((matches - (r == pred)) / 3.0, 1.0) for r in refs]
-  return sum(per_subset) / len(per_subset)
+  per_subset = [min(1, (matches - (r == pred)) / 3) for r in refs]
+  return float(sum(per_subset) / len(per_subset))
 
 
 def exact_match(prediction: str, answer: str) -> float:
@@ -162,11 +209,17 @@ def _mean_and_per_example(
 def vqa_accuracy_batch(
     predictions: Sequence[str],
     answers_list: Sequence[Sequence[str]],
+    rules: str = "lavis",
 ) -> tuple[float, list[float]]:
-  """VQA accuracy over a corpus: (mean, per-example accuracies)."""
+  """VQA accuracy over a corpus: (mean, per-example accuracies).
+
+  `rules` as in `vqa_accuracy`. The mean is that of the per-question scores,
+  i.e. vqaEval.py's 'overall' before its rounding to a percentage.
+  """
+  _check_rules(rules)
   _check_same_length(predictions, answers_list, "answers_list")
   return _mean_and_per_example(
-      [vqa_accuracy(p, a) for p, a in zip(predictions, answers_list)])
+      [vqa_accuracy(p, a, rules) for p, a in zip(predictions, answers_list)])
 
 
 def exact_match_batch(
