@@ -33,8 +33,9 @@ PyTree = Any
 class KVCache:
   """Self-attention KV cache for a stack of layers, in one of two forms.
 
-  * stacked (training, full forwards, `lax.scan` over layers): ``k``, ``v`` float[L, B, S, H, Dh];
-  * per layer (decoding): ``k``, ``v`` tuples of L arrays float[B, S, H, Dh]. A decode step then
+  * stacked (training, full forwards, `lax.scan` over layers): ``k``, ``v`` float[L, B * H, S, Dh];
+  * per layer (decoding): ``k``, ``v`` tuples of L arrays float[B * H, S, Dh]
+    (row b's head h at b * H + h: the layout the attention dots read without a copy, `layers.attend`). A decode step then
     updates each layer's array in place; a stacked cache updated inside a layer loop makes XLA copy the
     whole [L, ...] array at every layer (the cost of a step then grows with L x S).
 
@@ -55,11 +56,11 @@ class KVCache:
             dtype=jnp.float32, per_layer: bool = False) -> 'KVCache':
     """A zero cache; `per_layer` gives the decoding form (tuples of per-layer arrays)."""
     if per_layer:
-      layer = lambda: tuple(jnp.zeros((batch, max_length, num_heads, head_dim), dtype)
+      layer = lambda: tuple(jnp.zeros((batch * num_heads, max_length, head_dim), dtype)
                             for _ in range(num_layers))
       k, v = layer(), layer()
     else:
-      shape = (num_layers, batch, max_length, num_heads, head_dim)
+      shape = (num_layers, batch * num_heads, max_length, head_dim)
       k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     return cls(k=k, v=v, valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
 

@@ -121,17 +121,18 @@ class OPTLayer(nn.Module):
 
   def __call__(self, h: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array,
                index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """float[B, T, D] -> (float[B, T, D], new k, new v float[B, T, H, Dh]); see `SelfAttention`."""
+    """float[B, T, D] -> (float[B, T, D], k_cache, v_cache float[B * H, S, Dh] with the step's K/V written);
+    see `SelfAttention`."""
     pre = self.config.do_layer_norm_before
     x = self.self_attn_layer_norm(h) if pre else h
-    y, k, v = self.self_attn(x, k_cache, v_cache, mask, index)
+    y, k_cache, v_cache = self.self_attn(x, k_cache, v_cache, mask, index)
     h = h + y
     if not pre:
       h = self.self_attn_layer_norm(h)
     h = h + self.mlp(self.final_layer_norm(h) if pre else h)
     if not pre:
       h = self.final_layer_norm(h)
-    return h, k, v
+    return h, k_cache, v_cache
 
   def kv(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """K/V this layer would compute if h float[B, T, D] were its input (state propagation)."""
@@ -180,7 +181,7 @@ class OPTStack:
 
     def init_layer(r):
       h = jnp.zeros((1, 1, d), dt)
-      kv = jnp.zeros((1, 1, self.num_heads, self.head_dim), dt)
+      kv = jnp.zeros((self.num_heads, 1, self.head_dim), dt)
       return self._layer.init(r, h, kv, kv, jnp.ones((1, 1, 1), bool), 0)['params']
 
     params = {

@@ -74,8 +74,8 @@ class T5Encoded:
   Attributes:
     hidden: float[B, S, D] encoder output (after the final norm).
     mask: bool[B, S] valid encoder positions.
-    cross_k: float[L, B, S, H, Dh] cross-attention keys of every backbone decoder layer, or (the
-      decoding form, `unstacked`) a tuple of L float[B, S, H, Dh].
+    cross_k: float[L, B * H, S, Dh] cross-attention keys of every backbone decoder layer, or (the
+      decoding form, `unstacked`) a tuple of L float[B * H, S, Dh].
     cross_v: cross-attention values, same form.
   """
 
@@ -152,7 +152,7 @@ class T5Stack:
     c, d = self.config, self.dtype
     rngs = jax.random.split(rng, 6)
     h = jnp.zeros((1, 1, c.d_model), d)
-    kv = jnp.zeros((1, 1, c.num_heads, c.d_kv), d)
+    kv = jnp.zeros((c.num_heads, 1, c.d_kv), d)
     bias = jnp.zeros((1, c.num_heads, 1, 1), jnp.float32)
     mask = jnp.ones((1, 1, 1), bool)
 
@@ -229,8 +229,8 @@ class T5Stack:
     return last, jnp.concatenate([h[None], hiddens[:-1], last[None]])
 
   def cross_kv(self, layers_params: PyTree, encoder_hidden: jax.Array) -> tuple[Any, Any]:
-    """Cross-attention K/V of n decoder layers for float[B, S, D]: float[n, B, S, H, Dh] each from
-    stacked params, tuples of n float[B, S, H, Dh] from a per-layer tuple."""
+    """Cross-attention K/V of n decoder layers for float[B, S, D]: float[n, B * H, S, Dh] each from
+    stacked params, tuples of n float[B * H, S, Dh] from a per-layer tuple."""
     kv = lambda p: self.decoder_layer.apply({'params': p}, encoder_hidden.astype(self.dtype),
                                             method=T5DecoderLayer.cross_key_value)
     if isinstance(layers_params, tuple):

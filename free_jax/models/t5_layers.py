@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from free_jax.models.layers import attend, heads_first
 from free_jax.models.vit import hf_activation
 
 
@@ -124,25 +125,6 @@ def position_bias(table: jax.Array, query_positions: jax.Array, key_positions: j
   return jnp.take(table.astype(jnp.float32), buckets, axis=0).transpose(0, 3, 1, 2)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           bias: jax.Array | None = None) -> jax.Array:
-  """T5 attention: no 1/sqrt(d) scaling; scores and softmax in float32 (jax.nn.dot_product_attention).
-
-  Args:
-    q: float[B, T, H, Dh] queries.
-    k: float[B, S, H, Dh] keys.
-    v: float[B, S, H, Dh] values.
-    mask: bool, broadcastable to [B, T, S]: which keys each query may see.
-    bias: float, broadcastable to [B, H, T, S], added to the scores (relative position bias).
-
-  Returns:
-    float[B, T, H, Dh] in the dtype of `q`. Masked scores get a large finite negative, so rows with
-    no visible key (padding queries) stay free of NaNs.
-  """
-  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias=bias,
-                                     mask=mask[:, None], scale=1.0)
-
-
 def _dense(features: int, dtype: Any, name: str | None = None, stddev: float | None = None) -> nn.Dense:
   """A bias-free projection (HF ``nn.Linear(bias=False)``), initialised as HF T5 does: normal with
   std fan_in**-0.5 unless `stddev` is given."""
@@ -181,12 +163,13 @@ class T5Attention(nn.Module):
     return self._heads(self.q(x))
 
   def key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float[B, S, D] -> keys, values float[B, S, H, Dh]."""
-    return self._heads(self.k(x)), self._heads(self.v(x))
+    """float[B, S, D] -> keys, values float[B * H, S, Dh] (the cache layout)."""
+    return heads_first(self._heads(self.k(x))), heads_first(self._heads(self.v(x)))
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                bias: jax.Array | None = None) -> jax.Array:
-    """Attention of projected q/k/v, then the output projection: float[B, T, D]."""
+    """Attention of projected q float[B, T, H, Dh] over k/v float[B * H, S, Dh] (unscaled, as T5), then the
+    output projection: float[B, T, D]."""
     out = attend(q, k, v, mask, bias)
     return self.o(out.reshape(*out.shape[:-2], self.config.inner_dim))
 
@@ -243,11 +226,11 @@ class T5DecoderLayer(nn.Module):
     self.mlp = T5MLP(self.config, self.dtype)
 
   def self_key_value(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Self-attention K/V float[B, T, H, Dh] of layer input h float[B, T, D]."""
+    """Self-attention K/V float[B * H, T, Dh] of layer input h float[B, T, D]."""
     return self.self_attn.key_value(self.self_attn_norm(h))
 
   def cross_key_value(self, encoder_hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cross-attention K/V float[B, S_enc, H, Dh] of the encoder output float[B, S_enc, D]."""
+    """Cross-attention K/V float[B * H, S_enc, Dh] of the encoder output float[B, S_enc, D]."""
     return self.cross_attn.key_value(encoder_hidden)
 
   def __call__(self, h: jax.Array, cache_k: jax.Array, cache_v: jax.Array, index: jax.Array,
@@ -257,25 +240,25 @@ class T5DecoderLayer(nn.Module):
 
     Args:
       h: float[B, T, D] layer input.
-      cache_k: float[B, S, H, Dh] this layer's cached keys (slots before `index` hold past tokens).
-      cache_v: float[B, S, H, Dh] cached values.
+      cache_k: float[B * H, S, Dh] this layer's cached keys (slots before `index` hold past tokens).
+      cache_v: float[B * H, S, Dh] cached values.
       index: int32[] slot of the first new token.
       bias: float32[B, H, T, S] relative position bias of the new tokens against every slot.
       mask: bool[B, T, S] self-attention visibility (causal and valid).
-      cross_k: float[B, S_enc, H, Dh] this layer's cross-attention keys.
-      cross_v: float[B, S_enc, H, Dh] cross-attention values.
+      cross_k: float[B * H, S_enc, Dh] this layer's cross-attention keys.
+      cross_v: float[B * H, S_enc, Dh] cross-attention values.
       encoder_mask: bool[B, S_enc] valid encoder positions.
 
     Returns:
-      (h_out float[B, T, D], k, v float[B, T, H, Dh] of the new tokens, for the caller to store).
+      (h_out float[B, T, D], cache_k, cache_v float[B * H, S, Dh] with the new tokens' K/V written).
     """
     x = self.self_attn_norm(h)
     k, v = self.self_attn.key_value(x)
-    # Attend over the cache with the new K/V in place; the caller writes them back once per range.
-    keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-    values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+    # The caches with the new K/V written are attended over and returned (one write, kept in place).
+    keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0))
+    values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0))
     h = h + self.self_attn(self.self_attn.query(x), keys, values, mask, bias)
     x = self.cross_attn_norm(h)
     h = h + self.cross_attn(self.cross_attn.query(x), cross_k, cross_v, encoder_mask[:, None, :])
     h = h + self.mlp(self.mlp_norm(h))
-    return h, k, v
+    return h, keys, values

@@ -54,11 +54,10 @@ def test_recompute_is_exact_for_any_depth_schedule(family, prefill, window):
     ids = np.concatenate([prompt, tokens[:, :-1]], 1)
     mask = np.concatenate([valid, np.ones((len(tokens), N - 1), bool)], 1)
     full = _full_model_cache(stack, lm_params, ids, mask, encoder)
+    slots = lambda x: np.swapaxes(np.asarray(x).reshape(len(mask), -1, *x.shape[1:]), 1, 2)  # [B, S, H, Dh]
     for layer in range(stack.num_layers):
-      np.testing.assert_allclose(np.asarray(cache.k[layer])[:, :length][mask], np.asarray(full.k[layer])[mask],
-                                 atol=2e-5, rtol=2e-5)
-      np.testing.assert_allclose(np.asarray(cache.v[layer])[:, :length][mask], np.asarray(full.v[layer])[mask],
-                                 atol=2e-5, rtol=2e-5)
+      for got, want in ((cache.k[layer], full.k[layer]), (cache.v[layer], full.v[layer])):
+        np.testing.assert_allclose(slots(got)[:, :length][mask], slots(want)[mask], atol=2e-5, rtol=2e-5)
 
 
 def test_calm_projects_skipped_layers_and_keeps_the_first_exit_exact():
