@@ -201,38 +201,43 @@ def test_threshold_sweep_never_retraces():
 
 
 def _copies_inside_loops(hlo: str) -> list[int]:
-  """Byte sizes of the buffer copies outside the entry computation (in loop bodies and branches), except
+  """Byte sizes of the buffer copies outside the entry computation (in loop bodies and branches): copy
+  instructions and fusions that only copy or transpose (a fused in-place update is not one), except
   copies of a broadcast zero: XLA materialises the zero-initialised caches once per call that way."""
   sizes, computation = [], None
   bytes_per = {'f32': 4, 'bf16': 2, 's32': 4, 'pred': 1, 'f16': 2}
   for line in hlo.splitlines():
     if line and not line.startswith(' '):
       computation = line.split(' ')[0]
-    match = re.search(r'= (\w+)\[([\d,]*)\]\S* copy\((?!%wrapped_broadcast)', line)
+    match = (re.search(r'= (\w+)\[([\d,]*)\]\S* copy\((?!%wrapped_broadcast)', line)
+             or re.search(r'%(?:transpose_|bitcast_)?copy(?:_bitcast|_transpose)?_fusion\S* = (\w+)\[([\d,]*)\]', line))
     if match and computation not in ('ENTRY',) and not computation.startswith('%fused'):
       dims = [int(d) for d in match.group(2).split(',') if d]
       sizes.append(int(np.prod(dims)) * bytes_per.get(match.group(1), 4))
   return sizes
 
 
-@pytest.mark.parametrize('propagation', ['recompute', 'calm'])
-def test_no_step_copies_a_cache_sized_buffer(propagation):
-  """Per-layer caches updated in place: the compiled full-depth and early-exit programs copy no buffer as
-  large as one layer's K or V cache inside the decode loop or its conditionals (a stacked cache made XLA
-  copy the whole [L, ...] array at every layer)."""
+@pytest.mark.parametrize('batch', [1, 2])
+@pytest.mark.parametrize('mode', ['recompute', 'calm', 'speculative'])
+def test_no_step_copies_a_cache_sized_buffer(mode, batch):
+  """Caches updated in place: the compiled full-depth, early-exit and speculative programs copy no buffer
+  as large as one layer's K or V cache inside the decode loops or their conditionals, at batch 1 too (a
+  stacked cache made XLA copy the whole [L, ...] array at every layer; a [B, S, H, Dh] layout made it
+  transpose every layer's cache at every step)."""
   stack = OPTStack(OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                              ffn_dim=128, max_position_embeddings=128, word_embed_proj_dim=64))
   lm_params = stack.init(jax.random.PRNGKey(0))
   exit_params = exits_lib.init_exit_params(stack, lm_params, EXITS)
-  prompt, valid = np.ones((2, 40), np.int32), np.ones((2, 40), bool)
+  prompt, valid = np.ones((batch, 40), np.int32), np.ones((batch, 40), bool)
+  kwargs = dict(mode='speculative', max_draft=3) if mode == 'speculative' else dict(propagation=mode)
   for exits in ((), EXITS):
-    decoder = EarlyExitDecoder(stack, exits, max_new_tokens=8, eos_token_id=None, propagation=propagation)
+    decoder = EarlyExitDecoder(stack, exits, max_new_tokens=8, eos_token_id=None, **(kwargs if exits else {}))
     params = decoder.prepare(lm_params, exit_params if exits else None)
     hlo = decoder.compile(*params, prompt, valid)[0].as_text()
-    slots = 40 + 8 + (decoder.catch_up_window if exits else 0)
-    layer_cache_bytes = 2 * slots * 64 * 4
-    assert not [n for n in _copies_inside_loops(hlo) if n >= layer_cache_bytes], exits
-    assert '2,4,%d,4,16' % slots not in hlo  # no stacked [L, ...] cache anywhere
+    prompt_kv_bytes = batch * 4 * 40 * 16 * 4  # the prompt's new K (or V), moved into the cache layout
+    assert not [n for n in _copies_inside_loops(hlo) if n > prompt_kv_bytes], exits  # a cache has more slots
+    stacked = re.findall(r'\[\d+,%d,(\d+),16\]' % (batch * 4), hlo)  # [L, B * H, S, Dh]
+    assert not [slots for slots in stacked if int(slots) > 40]  # no stacked cache anywhere
 
 
 def test_layer_cost():
