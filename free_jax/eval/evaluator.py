@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -35,15 +36,17 @@ import ml_collections
 import numpy as np
 
 from free_jax import exits as exits_lib
-from free_jax.data import batching
+from free_jax import exits_io, teacher_forcing
+from free_jax.backbone import Backbone, make_input_format
+from free_jax.data import batching, sources
 from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.eval import analysis, metrics
 from free_jax.inference import calibrate as calibrate_lib
 from free_jax.inference import confidence as conf_lib
 from free_jax.inference import cost as cost_lib
-from free_jax.inference.early_exit import PROPAGATION_MODES, EarlyExitDecoder, layer_cost
+from free_jax.inference.early_exit import PREFILL_MODES, PROPAGATION_MODES, EarlyExitDecoder, layer_cost
 from free_jax.models import blip2
-from free_jax.training import backbone_step, checkpoint, free_step, pipeline
+from free_jax.vlm import EarlyExitVLM
 
 PyTree = Any
 EVAL_DIR = 'eval'
@@ -69,7 +72,7 @@ def score(task: str, predictions: Sequence[str], examples: dict) -> tuple[float,
 class Evaluator:
   """Decoders, prepared inputs and timing for one trained run (see the module docstring)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, backbone: pipeline.Backbone, exit_params: PyTree):
+  def __init__(self, config: ml_collections.ConfigDict, backbone: Backbone, exit_params: PyTree):
     self.config, self.backbone, self.exit_params = config, backbone, exit_params
     self.task = config.data.task
     model = backbone.model
@@ -94,13 +97,11 @@ class Evaluator:
   # --- inputs -----------------------------------------------------------------------------------
 
   def _prompt_inputs(self, params, image, input_ids, attention_mask):
-    """Device-side decoder inputs: (prompt, encoder) from pixels and prompt ids."""
-    model = self.backbone.model
-    if model.config.is_encoder_decoder:
-      encoder = model.apply({'params': params}, image, input_ids, attention_mask, method='encode')
-      start = jnp.full((input_ids.shape[0], 1), self.backbone.fmt.decoder_start_id, jnp.int32)
-      return start, encoder
-    return model.apply({'params': params}, image, input_ids, method='prompt_embeddings'), None
+    """Device-side decoder inputs: (prompt, encoder) from pixels and prompt ids (`Blip2Model.decoder_inputs`;
+    the prompt validity is known on the host, `batches`)."""
+    prompt, _, encoder = self.backbone.model.apply({'params': params}, image, input_ids, attention_mask,
+                                                   method='decoder_inputs')
+    return prompt, encoder
 
   def batches(self, examples: dict, limit: int = 0) -> list[dict]:
     """Generation batches (eval.batch_size rows, images on device) with host-side prompt validity."""
@@ -198,7 +199,7 @@ class Evaluator:
 
   def _teacher_forced(self, params, exit_params, batch):
     """int32 argmax tokens of every exit [E, B, T] and of every layer through the frozen head [L, B, T]."""
-    run = free_step.teacher_forced(self.backbone.model, params, batch)
+    run = teacher_forcing.teacher_forced(self.backbone.model, params, batch)
     _, logits = exits_lib.apply_exits(self.stack, params['language_model'], exit_params,
                                       run.hiddens[jnp.asarray(self.exit_layers) - 1], run.token_valid, run.ctx)
     lm = params['language_model']
@@ -217,7 +218,7 @@ class Evaluator:
                                           drop_remainder=False):
       batch = batching.train_batch(chunk, self.backbone.tokenizer, self.backbone.fmt, self.task)
       exit_tokens, layer_tokens = jax.device_get(self._teacher_fn(self.backbone.params, self.exit_params, batch))
-      mask = backbone_step.target_mask(batch) & batch['valid'][:, None]
+      mask = teacher_forcing.target_mask(batch) & batch['valid'][:, None]
       for tokens, out in ((exit_tokens, exit_right), (layer_tokens, layer_right)):
         hit = tokens == batch['labels'][None]
         if self.task == 'vqa':
@@ -253,33 +254,53 @@ def sweep_grid(ev: Evaluator) -> np.ndarray:
   return np.linspace(1.0, 0.0, e.num_sweep_thresholds)
 
 
-def _check_eval_config(config: ml_collections.ConfigDict) -> None:
+def check_eval_config(config: ml_collections.ConfigDict) -> None:
+  """Every eval.* field, before any work: ValueError naming the field (`pipeline.validate_config` calls it)."""
   e = config.eval
-  if e.confidence not in conf_lib.CONFIDENCE_FNS and e.confidence != 'patience':
-    raise ValueError(f'eval.confidence={e.confidence!r}; expected one of {sorted(conf_lib.CONFIDENCE_FNS)} '
-                     "or 'patience'")
-  if e.timing_repeats < 1 or e.batch_size < 1 or e.num_sweep_thresholds < 2:
-    raise ValueError(f'eval.timing_repeats={e.timing_repeats}, eval.batch_size={e.batch_size} must be >= 1 and '
-                     f'eval.num_sweep_thresholds={e.num_sweep_thresholds} >= 2')
+
+  def check(ok: bool, message: str) -> None:
+    if not ok:
+      raise ValueError(message)
+
+  def number(name: str) -> float:
+    value = e[name]
+    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+          f'eval.{name}={value!r} must be a finite number')
+    return value
+
+  check(e.confidence in conf_lib.CONFIDENCE_FNS or e.confidence == 'patience',
+        f'eval.confidence={e.confidence!r}; expected one of {sorted(conf_lib.CONFIDENCE_FNS)} or \'patience\'')
+  number('threshold')  # < 0: calibrate; [0, 1]: fixed; > 1: never exit; NaN would silently calibrate
+  check(e.calibration_reference in ('full_model', 'ground_truth'),
+        f"eval.calibration_reference={e.calibration_reference!r}; expected 'full_model' or 'ground_truth'")
+  check(e.calibration_reference != 'ground_truth' or config.data.task == 'vqa',
+        "eval.calibration_reference='ground_truth' needs a per-example 0/1 metric (data.task='vqa')")
+  for name in ('risk_delta', 'risk_epsilon'):
+    check(0 < number(name) < 1, f'eval.{name}={e[name]} must be in (0, 1)')
+  for name, low in (('max_new_tokens', 1), ('batch_size', 1), ('timing_repeats', 1), ('num_sweep_thresholds', 2),
+                    ('patience', 1), ('timing_examples', 0)):
+    value = e[name]
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+          f'eval.{name}={value!r} must be an integer >= {low}')
   lengths = tuple(e.draft_lengths)
-  if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in lengths):
-    raise ValueError(f'eval.draft_lengths={lengths} must be positive integers')
-  if e.propagation not in PROPAGATION_MODES:
-    raise ValueError(f'eval.propagation={e.propagation!r}; expected one of {PROPAGATION_MODES}')
-  if e.calibration_method not in calibrate_lib.METHODS:
-    raise ValueError(f'eval.calibration_method={e.calibration_method!r}; expected one of {calibrate_lib.METHODS}')
+  check(all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in lengths),
+        f'eval.draft_lengths={lengths} must be positive integers')
+  check(e.prefill in PREFILL_MODES, f'eval.prefill={e.prefill!r}; expected one of {PREFILL_MODES}')
+  check(e.propagation in PROPAGATION_MODES, f'eval.propagation={e.propagation!r}; expected one of {PROPAGATION_MODES}')
+  check(e.calibration_method in calibrate_lib.METHODS,
+        f'eval.calibration_method={e.calibration_method!r}; expected one of {calibrate_lib.METHODS}')
 
 
-def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backbone: pipeline.Backbone,
+def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backbone: Backbone,
                           exit_params: PyTree) -> dict:
   """Runs the whole evaluation (module docstring); writes and returns ``workdir/eval/summary.json``."""
-  _check_eval_config(config)
+  check_eval_config(config)
   e = config.eval
   ev = Evaluator(config, backbone, exit_params)
   out_dir = os.path.join(workdir, EVAL_DIR)
   os.makedirs(out_dir, exist_ok=True)
   image_size = backbone.fmt.image_size
-  test = pipeline.load_examples(config, 'test', config.data.num_test, image_size)
+  test = sources.load_examples(config, 'test', config.data.num_test, image_size)
   test_batches = ev.batches(test)
   test_prompts = [ev.prompts(b) for b in test_batches]
   full_tokens, _, _, _ = ev.decode(ev.full, test_batches, test_prompts)
@@ -290,7 +311,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
   if e.threshold >= 0:
     value = float(e.threshold)
   else:
-    cal = pipeline.load_examples(config, 'calibration', config.data.num_calibration, image_size)
+    cal = sources.load_examples(config, 'calibration', config.data.num_calibration, image_size)
     cal_batches = ev.batches(cal)
     cal_prompts = [ev.prompts(b) for b in cal_batches]
     reference, _, _, _ = ev.decode(ev.full, cal_batches, cal_prompts)
@@ -397,7 +418,7 @@ def speculative_evaluation(ev: Evaluator, value: float, full_tokens: np.ndarray,
   Returns the summary's 'speculative' entry; 'identical_to_full' must hold (the decode is lossless).
   """
   config, e = ev.config, ev.config.eval
-  cal = pipeline.load_examples(config, 'calibration', config.data.num_calibration, ev.backbone.fmt.image_size)
+  cal = sources.load_examples(config, 'calibration', config.data.num_calibration, ev.backbone.fmt.image_size)
   cal_batches = ev.batches(cal, limit=min(timed * e.batch_size, config.data.num_calibration))
   cal_prompts = [ev.prompts(b) for b in cal_batches]
   choices = []
@@ -429,15 +450,14 @@ def speculative_evaluation(ev: Evaluator, value: float, full_tokens: np.ndarray,
           'speedup_ideal': full_bytes / spent, 'speedup_decode_wallclock': timing['speedup'], 'timing': timing}
 
 
-def load_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[pipeline.Backbone, PyTree]:
-  """The finished backbone and exit params of a training run in `workdir` (nothing is trained here)."""
-  backbone = pipeline.load_backbone(config, workdir)
-  if backbone is None:
-    raise FileNotFoundError(f'no finished backbone in {workdir!r}; run experiments/train.py first')
-  target = jax.eval_shape(lambda: pipeline.init_free_state(config, backbone))
-  # No config hash here: evaluation-only overrides (data.test_seed, eval.*) must not block loading.
-  with checkpoint.Checkpointer(os.path.join(workdir, pipeline.CHECKPOINT_DIR)) as ckpt:
-    if not ckpt.is_finished():
-      raise FileNotFoundError(f'no finished exit training in {os.path.join(workdir, pipeline.CHECKPOINT_DIR)!r}; '
-                              'run experiments/train.py first')
-    return backbone, ckpt.restore_latest(target).state.exits
+def load_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Backbone, PyTree]:
+  """The finished backbone and exit params of a training run in `workdir` (nothing is trained here), with
+  the input format fitted to `config`'s data; exits trained after other layers than ``exits.layers`` are
+  refused."""
+  vlm = EarlyExitVLM.load(workdir, dtype={'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.model.dtype])
+  if tuple(config.exits.layers) != vlm.exit_layers:
+    raise exits_io.ExitsMismatchError(f'exits.layers={tuple(config.exits.layers)}, but the exits in {workdir} '
+                                      f'were trained after layers {vlm.exit_layers}')
+  backbone = vlm.backbone
+  fmt = make_input_format(config, backbone.model.config, backbone.tokenizer)
+  return dataclasses.replace(backbone, fmt=fmt), vlm.exit_params

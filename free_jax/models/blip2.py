@@ -181,6 +181,19 @@ class Blip2Model(nn.Module):
     return self.lm_stack().encode(self.language_model,
                                   self.prompt_embeddings(pixel_values, input_ids), attention_mask)
 
+  def decoder_inputs(self, pixel_values: jax.Array, input_ids: jax.Array,
+                     attention_mask: jax.Array) -> tuple[jax.Array, jax.Array, T5Encoded | None]:
+    """What an LM decoder starts from, for either family: (prompt, prompt_valid bool[B, P], encoder).
+
+    OPT: prompt = the prompt embeddings float[B, P, E] (image prefix in place), valid = the attention mask
+    (left padding), encoder None. T5: prompt = the decoder start id int32[B, 1], valid all True, encoder =
+    the encoded image + prompt (`encode`).
+    """
+    if self.config.is_encoder_decoder:
+      start = jnp.full((input_ids.shape[0], 1), self.config.text.decoder_start_token_id, jnp.int32)
+      return start, jnp.ones_like(start, bool), self.encode(pixel_values, input_ids, attention_mask)
+    return self.prompt_embeddings(pixel_values, input_ids), attention_mask.astype(bool), None
+
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
                attention_mask: jax.Array | None = None, decoder_input_ids: jax.Array | None = None,
                decoder_attention_mask: jax.Array | None = None) -> Blip2Output:

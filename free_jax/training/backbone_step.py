@@ -17,15 +17,11 @@ import jax.numpy as jnp
 import optax
 
 from free_jax.models import blip2
+from free_jax.teacher_forcing import target_mask
 from free_jax.training import grounding, losses, parallel
 from free_jax.training.state import BackboneState
 
 PyTree = Any
-
-
-def target_mask(batch: dict[str, jax.Array]) -> jax.Array:
-  """bool[B, T]: positions with a next-token target, in rows that are not batch padding."""
-  return batch['loss_mask'].astype(bool) & batch['valid'].astype(bool)[:, None]
 
 
 def forward_logits(model: blip2.Blip2Model, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:

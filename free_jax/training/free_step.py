@@ -2,7 +2,7 @@
 
 One jitted, data-parallel program per step (`make_free_step`):
 
-1. Frozen backbone, teacher-forced (`teacher_forced`): the hidden state after every LM layer. The
+1. Frozen backbone, teacher-forced (`teacher_forcing.teacher_forced`): the hidden state after every LM layer. The
    backbone params go through `stop_gradient` and are never given to an optimizer.
 2. Exits (`exits.apply_exits`) on the hiddens after layers [0, l_e); ``jax.vjp`` keeps their
    pullback so the exit forward runs once for both updates.
@@ -28,14 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import chex
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from free_jax import exits as exits_lib
-from free_jax.models import blip2, lm_api
+from free_jax.models import blip2
+from free_jax.teacher_forcing import teacher_forced
 from free_jax.training import losses, parallel
 from free_jax.training.discriminator import Discriminators
 from free_jax.training.state import FreeState
@@ -51,38 +50,6 @@ MODES = {
     'kd_only': (False, ('kd',)),
     'cosine': (False, ('cosine', 'ce')),       # the GAN replaced by cosine feature alignment
 }
-
-
-@flax.struct.dataclass
-class TeacherForced:
-  """The frozen backbone on a whole teacher-forced sequence.
-
-  Attributes:
-    hiddens: float[L, B, T, D] output of each LM layer (``hiddens[l - 1]`` = after layers [0, l)).
-    token_valid: bool[B, T] real tokens of the LM sequence (decoder tokens for T5).
-    ctx: the LM context for a fresh cache of length T, shared by exits run on this sequence.
-  """
-
-  hiddens: jax.Array
-  token_valid: jax.Array
-  ctx: PyTree
-
-
-def teacher_forced(model: blip2.Blip2Model, params: PyTree, batch: dict[str, jax.Array]) -> TeacherForced:
-  """Runs all LM layers of the BLIP-2 `model` on a training batch (layout: `free_jax.data.batching`)."""
-  stack = blip2.lm_stack(model.config, model.dtype)
-  lm_params = params['language_model']
-  embeds = model.apply({'params': params}, batch['image'], batch['input_ids'], method='prompt_embeddings')
-  if model.config.is_encoder_decoder:
-    encoder = stack.encode(lm_params, embeds, batch['attention_mask'])
-    valid, inputs = batch['decoder_attention_mask'], {'input_ids': batch['decoder_input_ids']}
-  else:
-    encoder, valid, inputs = None, batch['attention_mask'], {'inputs_embeds': embeds}
-  valid = valid.astype(bool)
-  cache = stack.init_cache(*valid.shape)
-  h, cache, ctx = lm_api.begin_step(stack, lm_params, cache, valid, encoder=encoder, **inputs)
-  _, hiddens, _ = stack.run_layers(lm_params, h, cache, ctx, 0, stack.num_layers)
-  return TeacherForced(hiddens=hiddens, token_valid=valid, ctx=ctx)
 
 
 def batch_masks(batch: dict[str, jax.Array], token_valid: jax.Array) -> dict[str, jax.Array]:
@@ -204,17 +171,3 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
     return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
   return parallel.data_parallel(step, mesh, batch_argnums=(2,), donate_argnums=(0,))
-
-
-def exit_predictions(model: blip2.Blip2Model, backbone_params: PyTree, exit_params: PyTree,
-                     exit_layers: Sequence[int], batch: dict[str, jax.Array]) -> jax.Array:
-  """int32[E + 1, B, T]: teacher-forced argmax tokens of every exit, then of the final layer."""
-  stack = blip2.lm_stack(model.config, model.dtype)
-  layers = exits_lib.validate_layers(exit_layers, stack.num_layers)
-  lm_params = backbone_params['language_model']
-  run = teacher_forced(model, backbone_params, batch)
-  _, logits = exits_lib.apply_exits(stack, lm_params, exit_params, run.hiddens[jnp.asarray(layers) - 1],
-                                    run.token_valid, run.ctx)
-  final_logits = stack.logits(lm_params, stack.final_features(lm_params, run.hiddens[-1]))
-  chex.assert_rank(logits, 4)
-  return jnp.argmax(jnp.concatenate([logits, final_logits[None]]), -1).astype(jnp.int32)

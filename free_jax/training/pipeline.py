@@ -33,8 +33,10 @@ import optax
 from absl import logging
 
 from free_jax import configs
+from free_jax.backbone import PROBE_EXAMPLES, Backbone, check, make_input_format
 from free_jax import exits as exits_lib
-from free_jax.data import batching, preprocess, sort_of_clevr, sources
+from free_jax import exits_io, teacher_forcing, vlm
+from free_jax.data import batching, sort_of_clevr, sources
 from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.models import blip2
 from free_jax.models.opt import OPTConfig
@@ -49,31 +51,9 @@ EVAL_FILE = 'train_eval.json'
 BACKBONE_DIR = 'backbone'
 CHECKPOINT_DIR = 'checkpoints'
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_PROBE_EXAMPLES = 2048  # examples that fix the prompt/target lengths (generated, or the first real ones)
 # Part of the backbone cache key: bump it when code changes what stage 1 trains for the same config
 # (2: sin-cos ViT position init, the grounding loss and caption steps), so a stale cached backbone is never reused.
 BACKBONE_VERSION = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Backbone:
-  """A frozen BLIP-2 with what is needed to feed it.
-
-  Attributes:
-    model: the `Blip2Model`.
-    params: its params.
-    tokenizer: the matching tokenizer.
-    fmt: how examples become its inputs (`batching.InputFormat`).
-  """
-
-  model: blip2.Blip2Model
-  params: PyTree
-  tokenizer: Any
-  fmt: batching.InputFormat
-
-  @property
-  def num_layers(self) -> int:
-    return blip2.lm_stack(self.model.config).num_layers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,71 +89,68 @@ def _model_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
   return embedded_model_config(config.model.embedded, _tokenizer(config))
 
 
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ValueError(message)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
   """Checks every field the run reads; returns the backbone's config. Errors are one line and name the field."""
-  _check(config.model.source in ('embedded', 'pretrained'),
+  check(config.model.source in ('embedded', 'pretrained'),
          f"model.source={config.model.source!r}; expected 'embedded' or 'pretrained'")
-  _check(config.model.dtype in _DTYPES, f'model.dtype={config.model.dtype!r}; expected one of {tuple(_DTYPES)}')
-  _check(config.data.task in configs.TASKS, f'data.task={config.data.task!r}; expected one of {configs.TASKS}')
-  _check(config.data.source in configs.DATA_SOURCES,
+  check(config.model.dtype in _DTYPES, f'model.dtype={config.model.dtype!r}; expected one of {tuple(_DTYPES)}')
+  check(config.data.task in configs.TASKS, f'data.task={config.data.task!r}; expected one of {configs.TASKS}')
+  check(config.data.source in configs.DATA_SOURCES,
          f'data.source={config.data.source!r}; expected one of {configs.DATA_SOURCES}')
-  _check(config.data.task in sources.SOURCE_TASKS[config.data.source],
+  check(config.data.task in sources.SOURCE_TASKS[config.data.source],
          f'data.task={config.data.task!r} is not available from data.source={config.data.source!r} '
          f'(it has {sources.SOURCE_TASKS[config.data.source]})')
   if config.data.source in sources.REAL_SOURCES:
-    _check(bool(config.data.data_dir), f'data.source={config.data.source!r} needs data.data_dir (nothing is '
+    check(bool(config.data.data_dir), f'data.source={config.data.source!r} needs data.data_dir (nothing is '
            'downloaded)')
-    _check(os.path.isdir(config.data.data_dir), f'data.data_dir={config.data.data_dir!r} is not a directory')
+    check(os.path.isdir(config.data.data_dir), f'data.data_dir={config.data.data_dir!r} is not a directory')
   if config.model.source == 'pretrained':
-    _check(bool(config.model.pretrained_path), "model.source='pretrained' needs model.pretrained_path")
-    _check(os.path.isdir(config.model.pretrained_path),
+    check(bool(config.model.pretrained_path), "model.source='pretrained' needs model.pretrained_path")
+    check(os.path.isdir(config.model.pretrained_path),
            f'model.pretrained_path={config.model.pretrained_path!r} is not a directory')
-  _check(config.train.backbone_sharding in sharding.MODES,
+  check(config.train.backbone_sharding in sharding.MODES,
          f'train.backbone_sharding={config.train.backbone_sharding!r}; expected one of {sharding.MODES}')
-  _check(config.free.mode in configs.FREE_MODES,
+  check(config.free.mode in configs.FREE_MODES,
          f'free.mode={config.free.mode!r}; expected one of {configs.FREE_MODES}')
-  _check(config.exits.init in exits_lib.EXIT_INITS,
+  check(config.exits.init in exits_lib.EXIT_INITS,
          f'exits.init={config.exits.init!r}; expected one of {exits_lib.EXIT_INITS}')
-  _check(0.0 <= config.data.label_fraction <= 1.0,
+  check(0.0 <= config.data.label_fraction <= 1.0,
          f'data.label_fraction={config.data.label_fraction} must be in [0, 1]')
   if 'ce' in free_step.MODES[config.free.mode][1]:
-    _check(round(config.data.label_fraction * config.data.num_train) > 0,
+    check(round(config.data.label_fraction * config.data.num_train) > 0,
            f'free.mode={config.free.mode!r} needs labelled examples but data.label_fraction='
            f'{config.data.label_fraction} of data.num_train={config.data.num_train} labels none')
   n = jax.device_count()
   for name in ('train', 'backbone_train'):
     section = config[name]
-    _check(section.batch_size > 0 and section.batch_size % n == 0,
+    check(section.batch_size > 0 and section.batch_size % n == 0,
            f'{name}.batch_size={section.batch_size} must be a positive multiple of the {n} devices')
-    _check(0 <= section.warmup_steps < section.steps,
+    check(0 <= section.warmup_steps < section.steps,
            f'{name}.warmup_steps={section.warmup_steps} must be in [0, {name}.steps={section.steps})')
-  _check(config.data.num_train >= config.train.batch_size,
+  check(config.data.num_train >= config.train.batch_size,
          f'data.num_train={config.data.num_train} is smaller than train.batch_size={config.train.batch_size}')
-  _check(config.backbone_train.num_examples >= config.backbone_train.batch_size,
+  check(config.backbone_train.num_examples >= config.backbone_train.batch_size,
          f'backbone_train.num_examples={config.backbone_train.num_examples} is smaller than '
          f'backbone_train.batch_size={config.backbone_train.batch_size}')
   # Stage-1 aids that only the generated scenes can feed.
   for name, needs in (('grounding_weight', 'the scene metadata'), ('caption_every', 'the captions')):
     value = config.backbone_train[name]
-    _check(value >= 0, f'backbone_train.{name}={value} must be >= 0')
+    check(value >= 0, f'backbone_train.{name}={value} must be >= 0')
     if value > 0 and config.model.source == 'embedded':
-      _check(config.data.source == 'sort_of_clevr',
+      check(config.data.source == 'sort_of_clevr',
              f"backbone_train.{name}={value} needs {needs} of data.source='sort_of_clevr' "
              f'(got {config.data.source!r}); set it to 0')
   for name in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
-    _check(config.train[name] >= 1, f'train.{name}={config.train[name]} must be >= 1')
-  _check(config.data.num_test >= 1, f'data.num_test={config.data.num_test} must be >= 1')
+    check(config.train[name] >= 1, f'train.{name}={config.train[name]} must be >= 1')
+  check(config.data.num_test >= 1, f'data.num_test={config.data.num_test} must be >= 1')
   model_config = _model_config(config)
   num_layers = blip2.lm_stack(model_config).num_layers
   exits_lib.validate_layers(config.exits.layers, num_layers)
   if config.model.source == 'embedded':
-    _check(not model_config.is_encoder_decoder, 'the embedded backbone is OPT-only')
+    check(not model_config.is_encoder_decoder, 'the embedded backbone is OPT-only')
   make_input_format(config, model_config, _tokenizer(config))  # text lengths vs data.max_text_length
+  from free_jax.eval import evaluator  # pylint: disable=g-import-not-at-top  (evaluation imports no training)
+  evaluator.check_eval_config(config)
   return model_config
 
 
@@ -184,56 +161,6 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
 def load_examples(config: ml_collections.ConfigDict, split: str, num_examples: int, image_size: int) -> dict:
   """`num_examples` examples of `split` ('train', 'calibration' or 'test') of data.source: `sources.load_examples`."""
   return sources.load_examples(config, split, num_examples, image_size)
-
-
-_REAL_LENGTHS = {}  # probe key -> (prompt_length, target_length): every stage re-validates the config
-
-
-def _real_text_lengths(config: ml_collections.ConfigDict, tokenizer, family: str,
-                       image_size: int) -> tuple[int, int]:
-  """`required_lengths` over the first training examples of a real source."""
-  key = (json.dumps(config.data.to_dict(), sort_keys=True), tokenizer.name_or_path, len(tokenizer), family)
-  if key not in _REAL_LENGTHS:
-    probe = load_examples(config, 'train', min(config.data.num_train, _PROBE_EXAMPLES), image_size)
-    _REAL_LENGTHS[key] = batching.required_lengths(tokenizer, family, config.data.task, probe)
-  return _REAL_LENGTHS[key]
-
-
-def make_input_format(config: ml_collections.ConfigDict, model_config: blip2.Blip2Config,
-                      tokenizer) -> batching.InputFormat:
-  """Prompt/target lengths fitted to a probe of the data, within data.max_text_length; ids from the model config.
-
-  The embedded data is probed with a fixed generated sample and must fit. A real source is probed with
-  its first training examples: prompts must fit, targets (long captions) are cut to what is left.
-  A pretrained checkpoint's ``preprocessor_config.json``, if present, sets the image normalisation.
-  """
-  family = 't5' if model_config.is_encoder_decoder else 'opt'
-  image_size = model_config.vision.image_size
-  max_length = config.data.max_text_length
-  if config.data.source in sources.REAL_SOURCES:
-    prompt_length, target_length = _real_text_lengths(config, tokenizer, family, image_size)
-    target_length = max(2, min(target_length, max_length - prompt_length))
-  else:
-    probe = sort_of_clevr.make_split('val', _PROBE_EXAMPLES, 0, task=config.data.task, image_size=image_size)
-    prompt_length, target_length = batching.required_lengths(tokenizer, family, config.data.task, probe)
-  _check(prompt_length + target_length <= max_length,
-         f'data.max_text_length={max_length} is too short: prompts need {prompt_length} tokens and targets '
-         f'{target_length}')
-  length = model_config.num_query_tokens + prompt_length + target_length
-  if not model_config.is_encoder_decoder:
-    _check(length <= model_config.text.max_position_embeddings,
-           f'model max_position_embeddings={model_config.text.max_position_embeddings} is shorter than '
-           f'the {length} tokens of image queries + prompt + target')
-  image_kwargs = {}
-  processor_file = os.path.join(config.model.pretrained_path, 'preprocessor_config.json')
-  if config.model.source == 'pretrained' and os.path.isfile(processor_file):
-    image_kwargs = preprocess.load_image_processor_config(processor_file)
-    _check(image_kwargs.pop('image_size') == image_size,
-           f'{processor_file}: its image size differs from the vision config image_size={image_size}')
-  decoder_start = model_config.text.decoder_start_token_id if model_config.is_encoder_decoder else None
-  return batching.input_format(tokenizer, family, model_config.num_query_tokens, prompt_length, target_length,
-                               image_size, image_token_id=model_config.image_token_index,
-                               decoder_start_id=decoder_start, **image_kwargs)
 
 
 def train_batches(examples: dict, backbone: Backbone, task: str, batch_size: int, seed: int,
@@ -310,9 +237,9 @@ def _abstract_backbone_state(config, model, fmt) -> state_lib.BackboneState:
 
 def _caption_format(fmt: batching.InputFormat, tokenizer, max_positions: int) -> batching.InputFormat:
   """The input format of the embedded scenes' captions (their own lengths, same ids and image size)."""
-  probe = sort_of_clevr.make_split('val', _PROBE_EXAMPLES, 0, task='caption', image_size=fmt.image_size)
+  probe = sort_of_clevr.make_split('val', PROBE_EXAMPLES, 0, task='caption', image_size=fmt.image_size)
   prompt_length, target_length = batching.required_lengths(tokenizer, fmt.family, 'caption', probe)
-  _check(fmt.num_query_tokens + prompt_length + target_length <= max_positions,
+  check(fmt.num_query_tokens + prompt_length + target_length <= max_positions,
          f'backbone_train.caption_every needs {fmt.num_query_tokens + prompt_length + target_length} LM positions for '
          f'captions, model.embedded.max_positions={max_positions}')
   return dataclasses.replace(fmt, prompt_length=prompt_length, target_length=target_length)
@@ -339,6 +266,7 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   """Stage 1: loads the backbone, training (or resuming) the embedded one first if it is not finished."""
   backbone = load_backbone(config, workdir)
   if backbone is not None:
+    _export_backbone(config, workdir, backbone)
     return backbone
   model_config = validate_config(config)
   tokenizer = _tokenizer(config)
@@ -356,7 +284,18 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
                         batches=lambda start: _backbone_batches(examples, backbone, config, start),
                         log_every=config.train.log_every, checkpoint_every=c.checkpoint_every,
                         progress_keys=('loss', 'grounding', 'token_acc'), desc='backbone')
-  return dataclasses.replace(backbone, params=state.params)
+  backbone = dataclasses.replace(backbone, params=state.params)
+  _export_backbone(config, workdir, backbone)
+  return backbone
+
+
+def _export_backbone(config, workdir: str, backbone: Backbone) -> None:
+  """The finished embedded backbone as an HF BLIP-2 checkpoint in ``workdir/backbone/hf`` (what
+  `free_jax.EarlyExitVLM.load` reads); written once, atomically."""
+  directory = os.path.join(workdir, vlm.HF_BACKBONE_DIR)
+  if config.model.source == 'embedded' and jax.process_index() == 0 and not os.path.isdir(directory):
+    from free_jax import export  # pylint: disable=g-import-not-at-top  (lazy: pulls in transformers)
+    export.save_pretrained(backbone.model, backbone.params, directory, backbone.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,7 +378,9 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
   with checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints,
                                config_hash=checkpoint.config_hash(trained_on)) as ckpt:
     if ckpt.is_finished():
-      return ckpt.restore_latest(jax.tree.map(np.asarray, state)).state
+      state = ckpt.restore_latest(jax.tree.map(np.asarray, state)).state
+      _save_exits(config, workdir, backbone, state.exits)
+      return state
     disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
     step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *_gan_txs(config),
                                        mesh)
@@ -448,12 +389,27 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
                                                  config.data.seed)
     params = sharding.place_backbone(backbone.params, mesh, config.train.backbone_sharding)
     adversarial = free_step.MODES[config.free.mode][0]
-    return _train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
-                       total_steps=config.train.steps,
-                       batches=lambda start: train_batches(examples, backbone, config.data.task,
-                                                           config.train.batch_size, config.data.seed, start),
-                       log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
-                       progress_keys=('d_loss', 'g_loss') if adversarial else ('g_loss',), desc='exits')
+    state = _train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
+                        total_steps=config.train.steps,
+                        batches=lambda start: train_batches(examples, backbone, config.data.task,
+                                                            config.train.batch_size, config.data.seed, start),
+                        log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
+                        progress_keys=('d_loss', 'g_loss') if adversarial else ('g_loss',), desc='exits')
+  _save_exits(config, workdir, backbone, state.exits)
+  return state
+
+
+def _save_exits(config, workdir: str, backbone: Backbone, exit_params: PyTree) -> None:
+  """The finished exits in ``workdir/exits`` (`free_jax.exits_io`) with the backbone's fingerprint and the
+  training config; written once, atomically."""
+  directory = os.path.join(workdir, vlm.EXITS_DIR)
+  if jax.process_index() or os.path.isdir(directory):
+    return
+  meta = exits_io.ExitsMeta(
+      exit_layers=tuple(config.exits.layers), num_layers=backbone.num_layers, family=backbone.fmt.family,
+      backbone_fingerprint=exits_io.fingerprint(backbone.params), confidence=config.eval.confidence,
+      training={k: _to_dict(v) for k, v in config.items() if k != 'eval'})
+  exits_io.save_exits(directory, jax.device_get(exit_params), meta)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -472,14 +428,14 @@ def evaluate_stage(config: ml_collections.ConfigDict, backbone: Backbone, exit_p
   """
   layers = tuple(config.exits.layers)
   examples = load_examples(config, 'test', config.data.num_test, backbone.fmt.image_size)
-  predict = jax.jit(lambda p, e, b: free_step.exit_predictions(backbone.model, p, e, layers, b))
+  predict = jax.jit(lambda p, e, b: teacher_forcing.exit_predictions(backbone.model, p, e, layers, b))
   names = [f'exit{l}' for l in layers] + ['backbone']
   right, token_hits, token_count, kinds = [], np.zeros(len(names)), 0, []
   for chunk in batching.iterate_batches(examples, config.train.batch_size, 0, shuffle=False, num_epochs=1,
                                         drop_remainder=False):
     batch = batching.train_batch(chunk, backbone.tokenizer, backbone.fmt, config.data.task)
     tokens = np.asarray(predict(backbone.params, exit_params, batch))
-    mask = backbone_step.target_mask(batch)
+    mask = teacher_forcing.target_mask(batch)
     hit = (tokens == batch['labels'][None]) | ~mask[None]
     rows = batch['valid']
     right.append(hit.all(-1)[:, rows])
@@ -513,6 +469,16 @@ def format_table(summary: dict) -> str:
 Evaluator = Callable[[ml_collections.ConfigDict, str, Backbone, PyTree], dict]
 
 
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The resolved config as ``workdir/config.json`` (what `free_jax.EarlyExitVLM.load` reads), atomically."""
+  if jax.process_index():
+    return
+  path = os.path.join(workdir, vlm.CONFIG_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(config.to_dict(), f, indent=1, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluators: Sequence[Evaluator] = ()) -> dict:
   """Runs (or resumes, or skips what is finished) backbone, exits and evaluation; returns the eval summary.
@@ -525,6 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  write_config(config, workdir)
   mesh = parallel.make_mesh()
   eval_path = os.path.join(workdir, EVAL_FILE)
   backbone = backbone_stage(config, workdir, mesh)

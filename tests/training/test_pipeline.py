@@ -5,27 +5,20 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
+from tests.conftest import run_train_cli
 from experiments.configs import vqa
 from free_jax.training import checkpoint, free_step, logging as metrics_logging, parallel, pipeline
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _cli(workdir, *overrides):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))  # as `pip install -e .` would
-  start = time.time()
-  out = subprocess.run([sys.executable, 'experiments/train.py', '--config=experiments/configs/vqa.py:smoke',
-                        f'--workdir={workdir}', *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
-  return out, time.time() - start
+  return run_train_cli(workdir, *overrides)
 
 
 def _snapshot(workdir):
@@ -40,12 +33,8 @@ def _final_state(workdir, config, backbone):
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('smoke')
-  out, seconds = _cli(workdir)
-  assert out.returncode == 0, out.stderr[-3000:]
-  print(f'\n:smoke CLI run (backbone + exits + eval): {seconds:.1f} s')
-  return workdir, out
+def finished(smoke_run):
+  return smoke_run
 
 
 def test_cli_smoke_run_writes_everything(finished):

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from experiments.configs import blip2_t5_coco
 from free_jax import exits as exits_lib
+from free_jax import teacher_forcing
 from free_jax.data import batching, tokenizer as tokenizer_lib
 from free_jax.models import blip2
 from free_jax.training import free_step, parallel, pipeline
@@ -40,7 +41,7 @@ def setup(tmp_path_factory):
 def test_teacher_forced_last_layer_is_the_models_decoder_output(setup):
   _, backbone, batch = setup
   model, params = backbone.model, backbone.params
-  run = jax.jit(lambda p, b: free_step.teacher_forced(model, p, b))(params, batch)
+  run = jax.jit(lambda p, b: teacher_forcing.teacher_forced(model, p, b))(params, batch)
   stack = blip2.lm_stack(model.config)
   assert run.hiddens.shape[:3] == (stack.num_layers, 4, backbone.fmt.target_length)
   lm = params['language_model']
