@@ -152,6 +152,8 @@ class EarlyExitVLM:
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
       raise FileNotFoundError(f'workdir {str(workdir)!r} is not a directory')
+    if not (workdir / CONFIG_FILE).is_file():
+      raise FileNotFoundError(f'no training run in {str(workdir)!r} ({CONFIG_FILE} missing): run experiments/train.py first')
     config = ml_collections.ConfigDict(_read_json(workdir / CONFIG_FILE))
     backbone_dir = (config.model.pretrained_path if config.model.source == 'pretrained'
                     else workdir / HF_BACKBONE_DIR)

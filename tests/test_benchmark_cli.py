@@ -45,4 +45,5 @@ def test_bad_batch_sizes(tmp_path):
 def test_evaluate_needs_a_trained_run(tmp_path):
   result = _run('evaluate.py', f'--workdir={tmp_path}', '--config.data.test_seed=7')
   assert result.returncode != 0
-  assert 'no finished backbone' in result.stderr.strip().splitlines()[-1]
+  assert 'no training run in' in result.stderr.strip().splitlines()[-1]
+  assert not list(tmp_path.iterdir())  # nothing created in a workdir that holds no run

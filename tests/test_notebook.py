@@ -43,7 +43,8 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   assert 'smoke True' in outputs
   assert 'CpuDevice' in outputs and "mesh: {'data': 1}" in outputs
   assert 'early exit' in outputs and 'measured decode' in outputs
-  table = next(_texts(c) for c in code if '| # | question |' in _texts(c))
+  assert 'speculative == full greedy: True' in outputs
+  table = next(_texts(c) for c in code if '| # | prompt |' in _texts(c))
   assert len([line for line in table.splitlines() if line.startswith('| ') and line[2].isdigit()]) == 4
   assert '(' in table.splitlines()[-1]  # every generated token shows its exit layer
   pngs = [o for c in code for o in c.get('outputs', []) if 'image/png' in o.get('data', {})]
