@@ -34,11 +34,21 @@ _FLOAT32_PARAMS = ('query_tokens', 'qformer')
 
 
 def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
+  """A safetensors file's tensors; one-line errors naming the file, and any tensor that is not finite floats."""
   try:
-    return safetensors.numpy.load_file(file)
-  except TypeError:  # numpy has no bfloat16: read through JAX on the host instead.
-    with jax.default_device(jax.devices('cpu')[0]):
-      return {k: np.asarray(v) for k, v in safetensors.flax.load_file(file).items()}
+    try:
+      tensors = safetensors.numpy.load_file(file)
+    except TypeError:  # numpy has no bfloat16: read through JAX on the host instead.
+      with jax.default_device(jax.devices('cpu')[0]):
+        tensors = {k: np.asarray(v) for k, v in safetensors.flax.load_file(file).items()}
+  except Exception as e:  # safetensors raises its own (Rust) error types for damaged files
+    raise WeightsError(f'{file}: not a readable safetensors file ({type(e).__name__}: {e})') from None
+  for name, value in tensors.items():
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise WeightsError(f'{file}: tensor {name} is {value.dtype}; BLIP-2 weights are floating point')
+    if not np.all(np.isfinite(value)):
+      raise WeightsError(f'{file}: tensor {name} holds NaN or inf')
+  return tensors
 
 
 def read_tensors(path) -> dict[str, np.ndarray]:

@@ -101,6 +101,32 @@ def test_pickle_checkpoint_is_refused_not_unpickled(checkpoint, tmp_path):
     free_jax.load_pretrained(tmp_path)
 
 
+def test_damaged_files_and_tensors_name_the_cause(checkpoint, edited, tmp_path):
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(checkpoint, damaged)
+  weights_file = damaged / 'model.safetensors'
+  weights_file.write_bytes(weights_file.read_bytes()[:1000])
+  with pytest.raises(WeightsError, match='model.safetensors: not a readable safetensors file'):
+    free_jax.load_pretrained(damaged)
+  (damaged / 'config.json').write_text('{"model_type": "blip-2", ')
+  with pytest.raises(ValueError, match='config.json: not valid JSON'):
+    free_jax.load_pretrained(damaged)
+  name = 'vision_model.embeddings.patch_embedding.weight'
+  path = edited(lambda t: t.update({name: np.full_like(t[name], np.nan)}))
+  with pytest.raises(WeightsError, match=f'tensor {name} holds NaN or inf'):
+    free_jax.load_pretrained(path)
+  path = edited(lambda t: t.update({name: t[name].astype(np.int32)}))
+  with pytest.raises(WeightsError, match=f'tensor {name} is int32; BLIP-2 weights are floating point'):
+    free_jax.load_pretrained(path)
+
+
+def test_integer_pixels_are_refused(checkpoint):
+  model, params = free_jax.load_pretrained(checkpoint)
+  size = model.config.vision.image_size
+  with pytest.raises(ValueError, match='pixel_values are uint8: pass normalised float pixels'):
+    model.apply({'params': params}, np.zeros((1, size, size, 3), np.uint8), np.zeros((1, 4), np.int32))
+
+
 def test_missing_directory_and_config(checkpoint, tmp_path):
   with pytest.raises(FileNotFoundError, match='no such model directory'):
     free_jax.load_pretrained(tmp_path / 'absent')

@@ -133,7 +133,7 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
     whole call), 'share_of_ideal', the same per decode step ('step_speedup', 'step_ideal',
     'step_share_of_ideal'), 'speedup_layers' and 'mean_exit_index'.
   """
-  vocab = prompt_vocab or stack.config.vocab_size
+  vocab = prompt_vocab or stack.vocab_size
   ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
   valid = np.ones((batch_size, prompt_length), bool)
   lengths = (max_new_tokens, 1) if per_step and max_new_tokens > 1 else (max_new_tokens,)
@@ -274,7 +274,7 @@ def benchmark_speculative(stack, lm_params: PyTree, exit_params: PyTree, exit_la
   'share_of_ideal', 'identical' (tokens == full greedy), 'acceptance', 'tokens_per_round', 'rounds',
   'bytes_per_token', 'layers_per_token'}}}.
   """
-  vocab = prompt_vocab or stack.config.vocab_size
+  vocab = prompt_vocab or stack.vocab_size
   ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
   valid = np.ones((batch_size, prompt_length), bool)
   full = EarlyExitDecoder(stack, (), max_new_tokens=max_new_tokens, eos_token_id=None)

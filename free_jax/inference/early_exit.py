@@ -107,11 +107,6 @@ class _Call:
   prompt_length: int
 
 
-def position_limit(stack: lm_api.DecoderStack) -> int | None:
-  """Longest sequence the LM's position embeddings allow (None for relative positions, e.g. T5)."""
-  return getattr(getattr(stack, 'config', None), 'max_position_embeddings', None)
-
-
 def layer_cost(step_depth, exit_layers: tuple[int, ...], num_layers: int) -> np.ndarray:
   """Layers executed per step, exit layers included: float[...] from int step_depth[...] (>= 0).
 
@@ -205,7 +200,7 @@ class EarlyExitDecoder:
   # ----------------------------------------------------------------------------------------------
   # Input checks (host side, before anything is compiled).
 
-  def check_inputs(self, exit_params: PyTree, prompt_valid, thresholds=None, patience=None) -> None:
+  def check_inputs(self, exit_params: PyTree, prompt_valid, thresholds=None, patience=None, prompt=None) -> None:
     """One-line ValueErrors for inputs the decoder cannot serve; called before compiling."""
     held = exits_lib.num_exits(exit_params) if self.num_exits else 0
     if held != self.num_exits:
@@ -215,10 +210,21 @@ class EarlyExitDecoder:
     if valid.ndim != 2 or valid.shape[1] == 0:
       raise ValueError(f'empty prompt: prompt_valid must be bool[B, P] with P >= 1, got shape '
                        f'{valid.shape}')
+    if valid.shape[0] == 0:
+      raise ValueError(f'empty batch: prompt_valid has shape {valid.shape} (0 rows)')
+    if prompt is not None:
+      if tuple(prompt.shape[:2]) != valid.shape:
+        raise ValueError(f'prompt has shape {tuple(prompt.shape)} but prompt_valid {valid.shape}: the first two '
+                         'dims must match ([B, P])')
+      if isinstance(prompt, np.ndarray) and np.issubdtype(prompt.dtype, np.integer):
+        bad = prompt[valid.astype(bool)]
+        bad = bad[(bad < 0) | (bad >= self.stack.vocab_size)]
+        if bad.size:
+          raise ValueError(f'prompt holds token id {int(bad[0])}, outside the vocabulary [0, {self.stack.vocab_size})')
     empty_rows = np.flatnonzero(~valid.astype(bool).any(axis=1))
     if empty_rows.size:
       raise ValueError(f'empty prompt: rows {empty_rows.tolist()} of prompt_valid have no valid token')
-    limit = position_limit(self.stack)
+    limit = self.stack.max_positions
     if limit is not None and valid.shape[1] + self.max_new_tokens > limit:
       raise ValueError(f'max_new_tokens={self.max_new_tokens} with a prompt of {valid.shape[1]} '
                        f'tokens exceeds the position limit max_position_embeddings={limit}')
@@ -464,7 +470,7 @@ class EarlyExitDecoder:
       encoder: the family's encoder state (T5: `T5Encoded`), else None.
       with_cache: the executable also returns the backbone's final KV cache (`decode_with_cache`).
     """
-    self.check_inputs(exit_params, prompt_valid)
+    self.check_inputs(exit_params, prompt_valid, prompt=prompt)
     args = (lm_params, exit_params, jax.ShapeDtypeStruct((self.num_exits,), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((self.max_new_tokens,), jnp.int32),
             prompt, prompt_valid, encoder)
@@ -501,7 +507,7 @@ class EarlyExitDecoder:
 
   def _run(self, lm_params, exit_params, prompt, prompt_valid, thresholds, encoder, patience, depth_schedule,
            with_cache):
-    self.check_inputs(exit_params, prompt_valid, thresholds, patience)
+    self.check_inputs(exit_params, prompt_valid, thresholds, patience, prompt)
     thresholds = (conf_lib.validate_thresholds(thresholds, self.num_exits) if self.num_exits
                   else np.zeros(0, np.float32))
     schedule = np.full(self.max_new_tokens, -1, np.int32)

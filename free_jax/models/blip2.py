@@ -95,7 +95,10 @@ class Blip2Config:
     config_file = path / 'config.json'
     if not config_file.is_file():
       raise FileNotFoundError(f'{config_file}: missing (expected an HF BLIP-2 config.json)')
-    raw = json.loads(config_file.read_text())
+    try:
+      raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f'{config_file}: not valid JSON ({e})') from None
     if raw.get('model_type') != 'blip-2':
       raise ValueError(f'{config_file}: model_type={raw.get("model_type")!r}, expected "blip-2"')
     text_type = raw.get('text_config', {}).get('model_type')
@@ -152,6 +155,9 @@ class Blip2Model(nn.Module):
 
   def image_prefix(self, pixel_values: jax.Array) -> jax.Array:
     """float[B, H, W, 3] channels-last pixels -> float[B, Q, D_lm] projected Q-Former outputs."""
+    if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+      raise ValueError(f'pixel_values are {pixel_values.dtype}: pass normalised float pixels '
+                       '(free_jax.data.preprocess.preprocess_images, as the BLIP-2 image processor does)')
     image = self.vision_model(pixel_values)
     queries = jnp.broadcast_to(self.query_tokens, (image.shape[0], *self.query_tokens.shape))
     return self.language_projection(self.qformer(queries, image).astype(self.dtype))

@@ -183,6 +183,8 @@ class DecoderStack(Protocol):
   hidden_size: int
   num_heads: int
   head_dim: int
+  vocab_size: int               # V of the input ids and the logits
+  max_positions: int | None     # the longest sequence its position embeddings allow (None: no limit)
 
   def init_cache(self, batch: int, max_length: int, per_layer: bool = False) -> KVCache:
     """A zero cache for all L layers (`per_layer`: the decoding form, see `KVCache`)."""
@@ -256,3 +258,13 @@ def begin_step(stack: DecoderStack, lm_params: PyTree, cache: KVCache, token_val
   positions = token_positions(cache, token_valid.shape[1])
   h = stack.embed(lm_params, input_ids=input_ids, inputs_embeds=inputs_embeds, positions=positions)
   return h, cache, stack.make_context(lm_params, cache, positions, encoder)
+
+
+def lm_step(stack: DecoderStack, lm_params: PyTree, cache: KVCache, token_valid: jax.Array,
+            input_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+            encoder: Any = None) -> tuple[jax.Array, KVCache]:
+  """All LM layers on T new tokens: (features float[B, T, E] (`final_features`), cache advanced by T)."""
+  h, cache, ctx = begin_step(stack, lm_params, cache, token_valid, input_ids=input_ids,
+                             inputs_embeds=inputs_embeds, encoder=encoder)
+  h, _, cache = stack.run_layers(lm_params, h, cache, ctx, 0, stack.num_layers)
+  return stack.final_features(lm_params, h), cache.advance(token_valid.shape[1])

@@ -167,6 +167,14 @@ class OPTStack:
     return self.config.head_dim
 
   @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def max_positions(self) -> int:
+    return self.config.max_position_embeddings
+
+  @property
   def _layer(self) -> OPTLayer:
     # parent=None: an unattached module, applied to explicit params even when this stack is used
     # inside another module's method (e.g. `Blip2Model.__call__`).

@@ -142,6 +142,14 @@ class T5Stack:
     return self.config.d_kv
 
   @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def max_positions(self) -> None:
+    return None  # relative position buckets: no limit
+
+  @property
   def decoder_layer(self) -> T5DecoderLayer:
     """The linen module of one decoder (or exit) layer."""
     # parent=None: unattached, so the stack also works when called inside another module's apply.

@@ -348,7 +348,8 @@ def _train_loop(state, step_fn: Callable, ckpt: checkpoint.Checkpointer, run_dir
 # Stage 2: FREE exits.
 
 
-def _gan_txs(config):
+def gan_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """(generator, discriminator) optimizers of the exit stage from ``config.train``."""
   t = config.train
   common = dict(warmup_steps=t.warmup_steps, grad_clip_norm=t.grad_clip)
   return optim.make_gan_optimizers(ml_collections.ConfigDict(dict(
@@ -366,7 +367,7 @@ def init_free_state(config: ml_collections.ConfigDict, backbone: Backbone) -> st
   disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
   features = jax.eval_shape(lambda: stack.final_features(lm_params, jnp.zeros((1, 1, stack.hidden_size))))
   d_params = disc.init(d_rng, jnp.zeros((disc.num_exits, 1, features.shape[-1])))['params']
-  return state_lib.create_free_state(exit_params, d_params, *_gan_txs(config))
+  return state_lib.create_free_state(exit_params, d_params, *gan_optimizers(config))
 
 
 def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbone,
@@ -382,7 +383,7 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
       _save_exits(config, workdir, backbone, state.exits)
       return state
     disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
-    step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *_gan_txs(config),
+    step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *gan_optimizers(config),
                                        mesh)
     examples = load_examples(config, 'train', config.data.num_train, backbone.fmt.image_size)
     examples['labelled'] = batching.label_subset(config.data.num_train, config.data.label_fraction,

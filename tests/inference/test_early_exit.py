@@ -265,13 +265,19 @@ def test_bad_input_fails_before_compiling():
     EarlyExitDecoder(stack, EXITS, max_new_tokens=0, eos_token_id=None)
   with pytest.raises(ValueError, match='Unknown confidence measure'):
     EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=None, confidence='margin')
+  with pytest.raises(ValueError, match=r'empty batch: prompt_valid has shape \(0, 5\)'):
+    decoder(lm_params, exit_params, prompt[:0], valid[:0], 0.5)
+  with pytest.raises(ValueError, match=r'prompt has shape \(3, 5\) but prompt_valid \(3, 4\)'):
+    decoder(lm_params, exit_params, prompt, valid[:, :4], 0.5)
+  with pytest.raises(ValueError, match=r'token id 999, outside the vocabulary \[0, '):
+    decoder(lm_params, exit_params, np.where(valid, 999, 0).astype(np.int32), valid, 0.5)
   assert decoder.traces == 0
 
 
 @pytest.mark.parametrize('family', ['opt', 't5'])
-def test_never_exit_equals_models_generate(family):
-  # The full-depth cached greedy decode of `free_jax.models.generate`, on a whole tiny BLIP-2.
-  from free_jax.models import blip2, generate  # pylint: disable=g-import-not-at-top
+def test_never_exit_equals_the_full_decoder_on_a_whole_blip2(family):
+  # The exit-free decoder on `Blip2Model.decoder_inputs` (tests/models/test_generate.py: == transformers).
+  from free_jax.models import blip2  # pylint: disable=g-import-not-at-top
   from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
   overrides = {'num_hidden_layers': 4} if family == 'opt' else {'num_decoder_layers': 4}
   config = blip2.Blip2Config.from_hf(hf_fixtures.tiny_blip2_config(family, **overrides))
@@ -282,15 +288,12 @@ def test_never_exit_equals_models_generate(family):
   extra = {'decoder_input_ids': np.zeros((2, 1), np.int32)} if family == 't5' else {}
   params = model.init(jax.random.PRNGKey(0), pixels, ids, mask, **extra)['params']
   eos, pad = config.text.eos_token_id, config.text.pad_token_id or 0
-  expected = generate.generate(model, params, pixels, ids, mask, N, eos_token_id=eos)
   stack, lm_params = model.lm_stack(), params['language_model']
   exit_params = exits_lib.init_exit_params(stack, lm_params, EXITS)
   decoder = EarlyExitDecoder(stack, EXITS, max_new_tokens=N, eos_token_id=eos, pad_token_id=pad)
-  if family == 't5':
-    encoder = model.apply({'params': params}, pixels, ids, mask, method='encode')
-    prompt, valid = np.zeros((2, 1), np.int32), np.ones((2, 1), bool)
-  else:
-    encoder, valid = None, mask.astype(bool)
-    prompt = model.apply({'params': params}, pixels, ids, method='prompt_embeddings')
+  prompt, valid, encoder = model.apply({'params': params}, pixels, ids, mask, method='decoder_inputs')
+  valid = np.asarray(valid)
+  full = EarlyExitDecoder(stack, (), max_new_tokens=N, eos_token_id=eos, pad_token_id=pad)
+  expected = full(lm_params, None, prompt, valid, encoder=encoder).tokens
   out = decoder(lm_params, exit_params, prompt, valid, confidence.NEVER_EXIT, encoder=encoder)
   np.testing.assert_array_equal(out.tokens, expected)

@@ -1,11 +1,12 @@
-"""Greedy `generate` (one jitted while_loop) against transformers' BLIP-2 `generate`."""
+"""The greedy decoder (`EarlyExitDecoder` without exits, the one greedy decoder) against transformers' BLIP-2
+`generate`, from the model's own `decoder_inputs`."""
 
 import numpy as np
 import pytest
 import torch
 
 import free_jax
-from free_jax.models.generate import generate
+from free_jax.inference.early_exit import EarlyExitDecoder
 from tests.hf_fixtures import blip2_inputs, tiny_blip2, torch_inputs
 
 NEW_TOKENS = 10
@@ -29,6 +30,14 @@ def _hf_generate(hf, model, batch, **kwargs):
                       pad_token_id=model.config.text.pad_token_id, **kwargs).numpy()
   # Decoder-only output repeats the prompt; T5's starts with the decoder start token.
   return out[:, 1:] if model.config.is_encoder_decoder else out[:, batch['input_ids'].shape[1]:]
+
+
+def generate(model, params, pixel_values, input_ids, attention_mask, max_new_tokens, eos_token_id=None):
+  prompt, valid, encoder = model.apply({'params': params}, pixel_values, input_ids, attention_mask,
+                                       method='decoder_inputs')
+  decoder = EarlyExitDecoder(model.lm_stack(), (), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                             pad_token_id=model.config.text.pad_token_id or 0)
+  return np.asarray(decoder(params['language_model'], None, prompt, np.asarray(valid), encoder=encoder).tokens)
 
 
 def test_greedy_matches_transformers(backbone):

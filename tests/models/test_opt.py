@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from free_jax.models import lm_api
-from free_jax.models.generate import lm_step
+from free_jax.models.lm_api import lm_step
 from free_jax.models.hf_tensors import TensorSource
 from free_jax.models.opt import OPTConfig, OPTLayer, OPTStack, opt_params_from_hf
 from tests.hf_fixtures import text_config

@@ -27,7 +27,7 @@ def _setup(g_learning_rate=3e-4, **free):
   batch = batching.train_batch(examples, tok, fmt, 'vqa')
   mesh = parallel.make_mesh(1)
   disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
-  step = free_step.make_free_step(model, config.exits.layers, config.free, disc, *pipeline._gan_txs(config), mesh)
+  step = free_step.make_free_step(model, config.exits.layers, config.free, disc, *pipeline.gan_optimizers(config), mesh)
   return config, backbone, batch, step
 
 

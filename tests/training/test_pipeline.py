@@ -100,7 +100,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(finished, tmp_path
 
   disc = free_step.make_discriminators(2, config.discriminator)
   step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc,
-                                     *pipeline._gan_txs(config), mesh)
+                                     *pipeline.gan_optimizers(config), mesh)
   params = parallel.replicate(backbone.params, mesh)
   with checkpoint.Checkpointer(tmp_path / 'ckpt', async_save=False) as ckpt:
     with pytest.raises(FloatingPointError, match='not finite .* at step 3; stopping'):

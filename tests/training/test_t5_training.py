@@ -59,7 +59,7 @@ def test_free_step_moves_the_exits_and_never_the_backbone(setup):
   assert backbone.fmt.family == 't5' and backbone.num_layers == 3
   mesh = parallel.make_mesh(1)
   disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
-  step = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *pipeline._gan_txs(config),
+  step = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *pipeline.gan_optimizers(config),
                                   mesh)
   state = pipeline.init_free_state(config, backbone)
   copy = lambda tree: jax.tree.map(np.array, tree)

@@ -32,7 +32,7 @@ disc = free_step.make_discriminators(len(config.exits.layers), config.discrimina
 results = []
 for n in (1, 8):
   mesh = parallel.make_mesh(n)
-  step = free_step.make_free_step(model, config.exits.layers, config.free, disc, *pipeline._gan_txs(config), mesh)
+  step = free_step.make_free_step(model, config.exits.layers, config.free, disc, *pipeline.gan_optimizers(config), mesh)
   state = parallel.replicate(pipeline.init_free_state(config, backbone), mesh)
   for _ in range(2):
     state, metrics = step(state, parallel.replicate(backbone.params, mesh), parallel.shard_batch(batch, mesh))
