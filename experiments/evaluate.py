@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from free_jax import configs
 from free_jax.eval import evaluator
 from free_jax.training import pipeline
 
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=configs.parse_flags)

@@ -52,6 +52,7 @@ class ExitsMeta:
     decoding: `free_jax.EarlyExitVLM` settings the threshold was calibrated with ({'prefill',
       'propagation', 'max_new_tokens'}); empty = the defaults.
     training: the run's resolved config without ``eval`` (how the exits were trained).
+    digest: `fingerprint` of the exit params themselves (ties derived files to them).
   """
 
   exit_layers: tuple[int, ...]
@@ -63,6 +64,7 @@ class ExitsMeta:
   speculative: dict | None = None
   decoding: dict = dataclasses.field(default_factory=dict)
   training: dict = dataclasses.field(default_factory=dict)
+  digest: str = ''
 
   def to_json(self) -> dict:
     return {'format': FORMAT, **dataclasses.asdict(self), 'exit_layers': list(self.exit_layers)}
@@ -90,6 +92,14 @@ def fingerprint(params: PyTree) -> str:
     digest.update(f'{jax.tree_util.keystr(path)}{value.shape}'.encode())
     digest.update(value.tobytes())
   return digest.hexdigest()[:16]
+
+
+def saved_digest(directory) -> str | None:
+  """The digest recorded in a `save_exits` directory (None if it holds no readable exits.json)."""
+  try:
+    return json.loads((pathlib.Path(directory) / META_FILE).read_text()).get('digest')
+  except (OSError, ValueError):
+    return None
 
 
 def _flatten(tree: PyTree, prefix: str = '') -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -165,8 +166,12 @@ class EarlyExitVLM:
                               prefill=e.prefill, propagation=e.propagation)
     vlm.meta = dataclasses.replace(vlm.meta, decoding={'max_new_tokens': e.max_new_tokens, 'prefill': e.prefill,
                                                        'propagation': e.propagation})
-    if (workdir / SUMMARY_FILE).is_file():
-      summary = _read_json(workdir / SUMMARY_FILE)
+    summary = _read_json(workdir / SUMMARY_FILE) if (workdir / SUMMARY_FILE).is_file() else None
+    if summary is not None and summary.get('exits_digest') != vlm.meta.digest:
+      logging.warning('%s evaluates other exits than %s: its threshold is not used', workdir / SUMMARY_FILE,
+                      workdir / EXITS_DIR)
+      summary = None
+    if summary is not None:
       speculative = summary.get('speculative')
       vlm.meta = dataclasses.replace(
           vlm.meta, threshold=float(summary['threshold']), confidence=summary['confidence'],

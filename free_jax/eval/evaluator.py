@@ -386,6 +386,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       'speculative': speculative,
       'num_test': config.data.num_test,
       'test_seed': config.data.test_seed,
+      'exits_digest': exits_io.fingerprint(exit_params),  # which exits this evaluates (`EarlyExitVLM.load`)
   }
   analysis.plot_quality_vs_speedup(
       {f'FREE exits ({e.confidence})': ([s['speedup_decode_wallclock'] for s in sweep],

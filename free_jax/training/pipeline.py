@@ -201,6 +201,9 @@ def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> Backbone |
     if not ckpt.is_finished():
       return None
     restored = ckpt.restore_latest(_abstract_backbone_state(config, model, fmt))
+  if not restored.meta.get('final'):  # the final step was unreadable: an earlier one is not the backbone
+    logging.warning('backbone: the final checkpoint is unreadable; training on from step %d', restored.step)
+    return None
   return Backbone(model, restored.state.params, tokenizer, fmt)
 
 
@@ -379,9 +382,12 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
   with checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints,
                                config_hash=checkpoint.config_hash(trained_on)) as ckpt:
     if ckpt.is_finished():
-      state = ckpt.restore_latest(jax.tree.map(np.asarray, state)).state
-      _save_exits(config, workdir, backbone, state.exits)
-      return state
+      restored = ckpt.restore_latest(jax.tree.map(np.asarray, state))
+      if restored.meta.get('final'):
+        _save_exits(config, workdir, backbone, restored.state.exits)
+        return restored.state
+      # The final step was unreadable (moved aside): train on from the last good one, never report it as final.
+      logging.warning('exits: the final checkpoint is unreadable; training on from step %d', restored.step)
     disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
     step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *gan_optimizers(config),
                                        mesh)
@@ -401,16 +407,17 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
 
 
 def _save_exits(config, workdir: str, backbone: Backbone, exit_params: PyTree) -> None:
-  """The finished exits in ``workdir/exits`` (`free_jax.exits_io`) with the backbone's fingerprint and the
-  training config; written once, atomically."""
+  """The finished exits in ``workdir/exits`` (`free_jax.exits_io`) with the backbone's fingerprint, their own
+  digest and the training config; rewritten (atomically) only when the exits differ from the saved ones."""
   directory = os.path.join(workdir, vlm.EXITS_DIR)
-  if jax.process_index() or os.path.isdir(directory):
+  digest = exits_io.fingerprint(exit_params)
+  if jax.process_index() or (os.path.isdir(directory) and exits_io.saved_digest(directory) == digest):
     return
   meta = exits_io.ExitsMeta(
       exit_layers=tuple(config.exits.layers), num_layers=backbone.num_layers, family=backbone.fmt.family,
       backbone_fingerprint=exits_io.fingerprint(backbone.params), confidence=config.eval.confidence,
-      training={k: _to_dict(v) for k, v in config.items() if k != 'eval'})
-  exits_io.save_exits(directory, jax.device_get(exit_params), meta)
+      training={k: _to_dict(v) for k, v in config.items() if k != 'eval'}, digest=digest)
+  exits_io.save_exits(directory, jax.device_get(exit_params), meta, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,11 +504,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_path = os.path.join(workdir, EVAL_FILE)
   backbone = backbone_stage(config, workdir, mesh)
   state = exit_stage(config, workdir, backbone, mesh)
+  # What the evaluation was made from: it is reused only for these exits and these evaluation settings.
+  made_from = {'exits_digest': exits_io.fingerprint(state.exits), 'eval': config.eval.to_dict(),
+               'data': {k: config.data[k] for k in ('test_seed', 'num_test', 'num_calibration')}}
+  summary = None
   if os.path.exists(eval_path):
     with open(eval_path) as f:
-      summary = json.load(f)  # a finished run: evaluated already, nothing is recomputed or rewritten
-  else:
+      summary = json.load(f)
+    if summary.get('made_from') != json.loads(json.dumps(made_from)):
+      logging.warning('%s was made from other exits or evaluation settings: evaluating again', eval_path)
+      summary = None  # otherwise a finished run: nothing is recomputed or rewritten
+  if summary is None:
     summary = evaluate_stage(config, backbone, state.exits)
+    summary['made_from'] = made_from
     for fn in evaluators:
       summary[fn.__name__] = fn(config, workdir, backbone, state.exits)
     tmp = eval_path + '.tmp'

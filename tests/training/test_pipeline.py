@@ -83,6 +83,41 @@ def test_resume_after_a_corrupt_latest_checkpoint_equals_the_uninterrupted_run(f
   assert metrics_logging.read_metrics(workdir) == metrics_logging.read_metrics(finished[0])
 
 
+def test_a_damaged_final_checkpoint_is_never_passed_off_as_the_finished_run(finished, tmp_path):
+  """Step 10's arrays truncated but its metadata intact (it still says final): the run trains 5 -> 10 again
+  instead of reporting step 5 as final; the exits, and the evaluation tied to them, equal the original."""
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(finished[0], workdir)
+  data = [f for f in (workdir / pipeline.CHECKPOINT_DIR / '10' / 'state').rglob('*')
+          if f.is_file() and f.parent.name == 'd' and f.stat().st_size > 0]
+  assert data
+  for f in data:
+    f.write_bytes(f.read_bytes()[:8])
+  config = vqa.get_config('smoke')
+  pipeline.train_and_evaluate(config, str(workdir))
+  backbone = pipeline.load_backbone(config, str(workdir))
+  resumed, original = _final_state(workdir, config, backbone), _final_state(finished[0], config, backbone)
+  assert resumed.step == 10 and resumed.meta['final']
+  jax.tree.map(np.testing.assert_array_equal, resumed.state, original.state)
+  for name in ('exits.safetensors', 'exits.json'):
+    assert (workdir / 'exits' / name).read_bytes() == (finished[0] / 'exits' / name).read_bytes()
+  assert json.loads((workdir / pipeline.EVAL_FILE).read_text()) == json.loads(
+      (finished[0] / pipeline.EVAL_FILE).read_text())  # same exits, same settings: reused as is
+
+
+def test_eval_overrides_on_a_finished_workdir_evaluate_again_and_keep_the_training(finished, tmp_path):
+  workdir = tmp_path / 'override'
+  shutil.copytree(finished[0], workdir)
+  trained = {k: v for k, v in _snapshot(workdir).items() if k.startswith(('checkpoints', 'backbone', 'exits'))}
+  out, _ = _cli(workdir, '--config.eval.max_new_tokens=3')
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((workdir / pipeline.EVAL_FILE).read_text())
+  assert summary['made_from']['eval']['max_new_tokens'] == 3
+  assert summary['early_exit_evaluation']['timing']['max_new_tokens'] == 3
+  assert json.loads((workdir / 'eval' / 'summary.json').read_text())['timing']['max_new_tokens'] == 3
+  assert {k: v for k, v in _snapshot(workdir).items() if k.startswith(('checkpoints', 'backbone', 'exits'))} == trained
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(finished, tmp_path):
   config = vqa.get_config('smoke')
   backbone = pipeline.load_backbone(config, str(finished[0]))
@@ -119,6 +154,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(finished, tmp_path
     ('data.label_fraction', 0.0, "free.mode='semi_supervised' needs labelled examples"),
     ('data.max_text_length', 8, 'data.max_text_length=8 is too short'),
     ('exits.init', 'copy', "exits.init='copy'"),
+    ('eval.confidence', 'margin', "eval.confidence='margin'"),
+    ('eval.threshold', float('nan'), 'eval.threshold=nan must be a finite number'),
+    ('eval.calibration_reference', 'human', "eval.calibration_reference='human'"),
+    ('eval.prefill', 'lazy', "eval.prefill='lazy'"),
+    ('eval.max_new_tokens', 0, 'eval.max_new_tokens=0 must be an integer >= 1'),
 ])
 def test_config_errors_are_one_line_and_raised_before_compiling(field, value, message, tmp_path):
   config = vqa.get_config('smoke')
@@ -137,3 +177,7 @@ def test_cli_config_error_is_one_line(tmp_path):
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1].startswith('config error: exits.layers=(2, 9)')
   assert 'Traceback' not in out.stderr and not (tmp_path / 'run').exists()
+  out, _ = _cli(tmp_path / 'run', '--config.train.stpes=5')  # a typo'd field: one line with the closest name
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      'config error: stpes Did you mean "steps" instead of "stpes"? (overrides: --config.train.stpes)')
