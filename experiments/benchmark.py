@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from free_jax import configs
+from free_jax import cli
 from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.eval import benchmark, evaluator
 from free_jax.inference import confidence
@@ -148,4 +148,4 @@ def _step_depths(workdir):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=configs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

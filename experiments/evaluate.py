@@ -9,12 +9,11 @@ trained: the backbone and exits must already be in the workdir (experiments/trai
 """
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from free_jax import configs
+from free_jax import cli
 from free_jax.eval import evaluator
 from free_jax.training import pipeline
 
@@ -30,14 +29,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  try:
-    pipeline.validate_config(config)
-    backbone, exit_params = evaluator.load_run(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:  # one line, not a traceback
-    sys.exit(f'error: {e}')
-  summary = evaluator.early_exit_evaluation(config, _WORKDIR.value, backbone, exit_params)
+  cli.run_or_exit(pipeline.validate_config, config)
+  backbone, exit_params = cli.run_or_exit(evaluator.load_run, config, _WORKDIR.value)
+  summary = cli.run_or_exit(evaluator.early_exit_evaluation, config, _WORKDIR.value, backbone, exit_params)
   print(json.dumps({k: summary[k] for k in _SHOWN}, indent=1))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=configs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from free_jax import configs
+from free_jax import cli
 from free_jax import reproduce
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/vqa.py', 'Experiment config file.',
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=configs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

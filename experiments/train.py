@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from free_jax import configs
+from free_jax import cli
 from free_jax.eval import evaluator
 from free_jax.training import distributed, pipeline
 
@@ -31,8 +31,9 @@ def main(argv):
     pipeline.validate_config(_CONFIG.value)
   except ValueError as e:  # a bad config is a one-line message, not a traceback
     sys.exit(f'config error: {e}')
-  pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value, evaluators=[evaluator.early_exit_evaluation])
+  cli.run_or_exit(pipeline.train_and_evaluate, _CONFIG.value, _WORKDIR.value,
+                  evaluators=[evaluator.early_exit_evaluation])
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=configs.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -151,14 +151,3 @@ def finalize(c: ml_collections.ConfigDict, arg: str,
   c.lock()
   return c
 
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing for the launchers (``app.run(main, flags_parser=configs.parse_flags)``): a bad
-  ``--config.*`` override exits with one line naming the field, not a traceback."""
-  from absl import flags  # pylint: disable=g-import-not-at-top  (only launchers parse flags)
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').strip('"').split())
-    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    raise SystemExit(f'config error: {message} (overrides: {", ".join(overrides) or "none"})') from None

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -299,6 +300,8 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
   ev = Evaluator(config, backbone, exit_params)
   out_dir = os.path.join(workdir, EVAL_DIR)
   os.makedirs(out_dir, exist_ok=True)
+  with tempfile.TemporaryFile(dir=out_dir):  # writable? (before the work, not when saving the plots)
+    pass
   image_size = backbone.fmt.image_size
   test = sources.load_examples(config, 'test', config.data.num_test, image_size)
   test_batches = ev.batches(test)

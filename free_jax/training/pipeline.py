@@ -505,13 +505,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   backbone = backbone_stage(config, workdir, mesh)
   state = exit_stage(config, workdir, backbone, mesh)
   # What the evaluation was made from: it is reused only for these exits and these evaluation settings.
-  made_from = {'exits_digest': exits_io.fingerprint(state.exits), 'eval': config.eval.to_dict(),
-               'data': {k: config.data[k] for k in ('test_seed', 'num_test', 'num_calibration')}}
+  made_from = json.loads(json.dumps({  # as stored (tuples become lists)
+      'exits_digest': exits_io.fingerprint(state.exits), 'eval': config.eval.to_dict(),
+      'data': {k: config.data[k] for k in ('test_seed', 'num_test', 'num_calibration')}}))
   summary = None
   if os.path.exists(eval_path):
     with open(eval_path) as f:
       summary = json.load(f)
-    if summary.get('made_from') != json.loads(json.dumps(made_from)):
+    if summary.get('made_from') != made_from:
       logging.warning('%s was made from other exits or evaluation settings: evaluating again', eval_path)
       summary = None  # otherwise a finished run: nothing is recomputed or rewritten
   if summary is None:
