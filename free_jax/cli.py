@@ -10,6 +10,7 @@ line, ``error: ...``, with no traceback; anything else (a bug) keeps its traceba
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -48,17 +49,28 @@ def describe(error: BaseException) -> str | None:
     where = f': {cause.filename}' if cause.filename else ''
     return f'{cause.strerror or errno.errorcode.get(cause.errno, cause.errno)} (errno {cause.errno}){where}'
   if isinstance(error, _USER_ERRORS):
-    return ' '.join(str(error).split())
+    message = ' '.join(str(error).split())
+    if 'RESOURCE_EXHAUSTED' in message:  # tensorstore's disk-full error (orbax saves through it)
+      message = f'disk full or over quota: {message}'
+    return message
   return None
 
 
-def run_or_exit(fn: Callable[..., Any], *args, **kwargs) -> Any:
-  """fn(*args, **kwargs); a user error exits with ``error: <cause>`` as the last line."""
+def run_or_exit(fn: Callable[..., Any], *args, exit_now: bool = True, **kwargs) -> Any:
+  """fn(*args, **kwargs); a user error exits (status 1) with ``error: <cause>`` as the last line.
+
+  With `exit_now` the process ends right after that line: background writers that failed with the same error
+  (orbax's async saves) would otherwise print their tracebacks at interpreter shutdown, after it. What was
+  saved is already on disk or in a temporary directory that the next run removes.
+  """
   try:
     return fn(*args, **kwargs)
   except Exception as e:  # pylint: disable=broad-except
     message = describe(e)
     if message is None:
       raise
-    sys.stderr.flush()
-    raise SystemExit(f'error: {message}') from None
+    sys.stdout.flush()
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    if exit_now:
+      os._exit(1)  # pylint: disable=protected-access
+    raise SystemExit(1) from None
