@@ -27,6 +27,8 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+from free_jax.models.hf_tensors import read_json
+
 PyTree = Any
 FORMAT = 'free_jax.exits/1'
 TENSORS_FILE = 'exits.safetensors'
@@ -154,11 +156,7 @@ def load_exits(directory) -> tuple[PyTree, ExitsMeta]:
   for f in (meta_file, tensors_file):
     if not f.is_file():
       raise FileNotFoundError(f'{f} not found: not an exits directory (see free_jax.exits_io)')
-  try:
-    raw = json.loads(meta_file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{meta_file} is not valid JSON ({e})') from None
-  meta = ExitsMeta.from_json(raw, str(meta_file))
+  meta = ExitsMeta.from_json(read_json(meta_file), str(meta_file))
   try:
     flat = safetensors.numpy.load_file(str(tensors_file))
   except Exception as e:  # safetensors raises its own error types for damaged files

@@ -18,7 +18,6 @@ optimizer is built and no data is read. Nothing here imports `free_jax.training`
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -39,6 +38,7 @@ from free_jax.data import batching, preprocess
 from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.inference.early_exit import EarlyExitDecoder
 from free_jax.models import blip2
+from free_jax.models.hf_tensors import read_json
 
 PyTree = Any
 MODES = ('early_exit', 'speculative', 'full')
@@ -66,15 +66,6 @@ class Generation:
   seconds: dict
   mode: str
   threshold: float | None
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f'{path} not found') from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path} is not valid JSON ({e})') from None
 
 
 def _as_images(images) -> list:
@@ -155,7 +146,7 @@ class EarlyExitVLM:
       raise FileNotFoundError(f'workdir {str(workdir)!r} is not a directory')
     if not (workdir / CONFIG_FILE).is_file():
       raise FileNotFoundError(f'no training run in {str(workdir)!r} ({CONFIG_FILE} missing): run experiments/train.py first')
-    config = ml_collections.ConfigDict(_read_json(workdir / CONFIG_FILE))
+    config = ml_collections.ConfigDict(read_json(workdir / CONFIG_FILE))
     backbone_dir = (config.model.pretrained_path if config.model.source == 'pretrained'
                     else workdir / HF_BACKBONE_DIR)
     if not (workdir / EXITS_DIR).is_dir():
@@ -166,7 +157,7 @@ class EarlyExitVLM:
                               prefill=e.prefill, propagation=e.propagation)
     vlm.meta = dataclasses.replace(vlm.meta, decoding={'max_new_tokens': e.max_new_tokens, 'prefill': e.prefill,
                                                        'propagation': e.propagation})
-    summary = _read_json(workdir / SUMMARY_FILE) if (workdir / SUMMARY_FILE).is_file() else None
+    summary = read_json(workdir / SUMMARY_FILE) if (workdir / SUMMARY_FILE).is_file() else None
     if summary is not None and summary.get('exits_digest') != vlm.meta.digest:
       logging.warning('%s evaluates other exits than %s: its threshold is not used', workdir / SUMMARY_FILE,
                       workdir / EXITS_DIR)

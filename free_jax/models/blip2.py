@@ -25,7 +25,6 @@ Helpers for decoding and exits (call through ``model.apply(..., method=...)``):
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import transformers
 
 from free_jax.models import lm_api
+from free_jax.models.hf_tensors import read_json
 from free_jax.models.opt import OPTConfig, OPTStack
 from free_jax.models.qformer import QFormer, QFormerConfig
 from free_jax.models.t5 import T5Config, T5Encoded, T5Stack
@@ -95,10 +95,7 @@ class Blip2Config:
     config_file = path / 'config.json'
     if not config_file.is_file():
       raise FileNotFoundError(f'{config_file}: missing (expected an HF BLIP-2 config.json)')
-    try:
-      raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f'{config_file}: not valid JSON ({e})') from None
+    raw = read_json(config_file)
     if raw.get('model_type') != 'blip-2':
       raise ValueError(f'{config_file}: model_type={raw.get("model_type")!r}, expected "blip-2"')
     text_type = raw.get('text_config', {}).get('model_type')

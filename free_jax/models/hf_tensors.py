@@ -8,10 +8,21 @@ unexpected tensors; missing keys and shape mismatches raise `WeightsError` namin
 
 from __future__ import annotations
 
+import json
+import pathlib
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+
+
+def read_json(path) -> dict:
+  """A JSON file's contents; a damaged one is a one-line ValueError naming the file."""
+  path = pathlib.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from None
 
 
 class WeightsError(ValueError):
