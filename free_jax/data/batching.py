@@ -1,7 +1,8 @@
 """Examples -> fixed-shape BLIP-2 model batches; deterministic, resumable shuffling; device splits.
 
 Examples are dicts of columns (numpy arrays, lists of strings, nested dicts): `image` uint8[N, H, W, 3],
-`question`, `answer`, `caption`, optionally `labelled` bool[N] (see `label_subset`).
+`question`, `answer`, `caption`, optionally `labelled` bool[N] (see `label_subset`) and `target_ids` (per row,
+ids that replace the tokenised target, or None).
 
 Layouts (Q = num_query_tokens, P = prompt_length, A = target_length; `I` = image token). As in
 transformers 5's `Blip2Processor`, `input_ids` start with Q image tokens, followed by the tokenizer's
@@ -106,10 +107,12 @@ def _encode_prompts(tokenizer, fmt: InputFormat, task: str, examples: dict) -> l
 
 
 def _encode_targets(tokenizer, fmt: InputFormat, task: str, examples: dict) -> list[list[int]]:
-  """Target ids + EOS (truncated to A)."""
+  """Target ids + EOS (truncated to A); a row's ``target_ids`` (ids ending in EOS, e.g. the backbone's own
+  output for a row whose label is hidden: `free_jax.training.hidden_labels`) are used as they are."""
   ids = tokenizer(_target_texts(fmt.family, task, examples), add_special_tokens=False,
                   truncation=True, max_length=fmt.target_length - 1)['input_ids']
-  return [row + [fmt.eos_id] for row in ids]
+  given = examples.get('target_ids') or [None] * len(ids)
+  return [row + [fmt.eos_id] if fixed is None else list(fixed) for row, fixed in zip(ids, given)]
 
 
 def _pad_rows(rows: list[list[int]], length: int, pad: int,

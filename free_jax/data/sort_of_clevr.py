@@ -16,8 +16,8 @@ Question types, in order of difficulty (single-word answers from a closed vocabu
 Answers are balanced by construction: each example draws its type and a target answer uniformly,
 then edits the scene so the answer holds (sets the shape of the asked object, swaps two colours,
 mirrors the scene, or sets how many objects have the counted shape). Nearest/farthest questions
-are only asked about objects whose nearest/farthest neighbour beats the runner-up by `cell / 8`
-pixels; scenes with no such object are redrawn.
+are only asked about objects whose nearest/farthest neighbour is unique on the lattice, the same by
+pixels, and beats the pixel runner-up by `cell / 8`; scenes with no such object are redrawn.
 
 Captions list the objects from left to right (ties: top first), e.g.
 "a red circle , a blue square and a green triangle from left to right".
@@ -51,7 +51,7 @@ QUESTION_TYPES = ('shape', 'position', 'presence', 'count', 'nearest_colour', 'n
 RELATIONAL = frozenset({'count', 'nearest_colour', 'nearest_shape', 'farthest_colour',
                         'farthest_shape'})
 POSITIONS = ('left', 'right', 'top', 'bottom')
-SPLITS = {'train': 0, 'val': 1, 'test': 2}
+SPLITS = {'train': 0, 'val': 1, 'test': 2, 'backbone': 3}
 TASKS = ('vqa', 'caption')
 
 _BLOCK = 256
@@ -133,14 +133,26 @@ def _positions(rng, n, num_objects, image_size):
   return x, y
 
 
-def _neighbours(x, y, gap):
-  """Nearest/farthest other object per object, and whether each beats the runner-up by `gap`."""
-  d = np.hypot(x[:, :, None] - x[:, None, :], y[:, :, None] - y[:, None, :]).astype(np.float64)
-  eye = np.eye(x.shape[1], dtype=bool)
-  near_d, far_d = np.where(eye, np.inf, d), np.where(eye, -np.inf, d)
-  near, far = np.sort(near_d, axis=2), np.sort(far_d, axis=2)
-  return (np.argmin(near_d, axis=2), near[..., 1] - near[..., 0] >= gap,
-          np.argmax(far_d, axis=2), far[..., -1] - far[..., -2] >= gap)
+def _neighbours(x, y, cell):
+  """Nearest/farthest other object per object, and whether that answer is unambiguous.
+
+  Unambiguous: it is the unique nearest (farthest) object by lattice cells, the same one by pixels, and it
+  beats the pixel runner-up by `cell / 8`. The answer is then a function of the lattice cells, which the
+  backbone's grounding loss teaches the image prefix (pixel jitter never decides it), and still what the
+  picture shows.
+  """
+  def extremes(px, py, gap):
+    d = np.hypot(px[:, :, None] - px[:, None, :], py[:, :, None] - py[:, None, :]).astype(np.float64)
+    eye = np.eye(px.shape[1], dtype=bool)
+    near_d, far_d = np.where(eye, np.inf, d), np.where(eye, -np.inf, d)
+    near, far = np.sort(near_d, axis=2), np.sort(far_d, axis=2)
+    return (np.argmin(near_d, axis=2), near[..., 1] - near[..., 0] >= gap,
+            np.argmax(far_d, axis=2), far[..., -1] - far[..., -2] >= gap)
+
+  nearest, near_ok, farthest, far_ok = extremes(x, y, cell / 8)
+  lattice_near, lattice_near_ok, lattice_far, lattice_far_ok = extremes(x // cell, y // cell, 1e-6)
+  return (nearest, near_ok & lattice_near_ok & (nearest == lattice_near),
+          farthest, far_ok & lattice_far_ok & (farthest == lattice_far))
 
 
 def _draw_questions(rng, x, y, colour, shape, types, image_size):
@@ -156,7 +168,7 @@ def _draw_questions(rng, x, y, colour, shape, types, image_size):
 
   # Relational questions need an unambiguous nearest/farthest object: redraw scenes until one exists.
   while True:
-    nearest, near_ok, farthest, far_ok = _neighbours(x, y, cell / 8)
+    nearest, near_ok, farthest, far_ok = _neighbours(x, y, cell)
     eligible = np.ones((n, k), bool)
     eligible = np.where((relation == 'nearest')[:, None], near_ok, eligible)
     eligible = np.where((relation == 'farthest')[:, None], far_ok, eligible)
@@ -317,7 +329,7 @@ def concatenate(blocks: list[dict]) -> dict:
 
 
 def make_split(split: str, num_examples: int, seed: int, **kwargs) -> dict:
-  """`generate` on the split's own seed stream: train/val/test never share a scene for one seed."""
+  """`generate` on the split's own seed stream: the splits never share a scene for one seed."""
   if split not in SPLITS:
     raise ValueError(f'split={split!r}; expected one of {tuple(SPLITS)}')
   return generate(num_examples, np.random.SeedSequence(seed, spawn_key=(SPLITS[split],)), **kwargs)

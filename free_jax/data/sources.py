@@ -5,14 +5,19 @@ Every source becomes the same column dict (the layout of `sort_of_clevr.generate
 ``question``, ``answer``, ``question_type``, ``caption``; VQAv2 adds ``answers`` (the ten human
 answers, so evaluation uses VQA accuracy), COCO adds ``captions`` (all references, for CIDEr).
 
-Splits are 'train', 'calibration' (threshold calibration) and 'test'; real datasets map them to
-their own splits so that calibration and test never share an image (N_test = data.num_test):
+Splits are 'backbone' (stage 1 of an embedded backbone), 'train' (the exits), 'calibration' (threshold
+calibration) and 'test'; real datasets map them to their own splits so that calibration and test never
+share an image (N_test = data.num_test). The generator gives every split its own seed stream, so the
+embedded backbone, the exits, calibration and test never share a scene:
 
-  source          train                    calibration                   test
-  sort_of_clevr   generator 'train'        generator 'val'               generator 'test'
-  clevr (tfds)    'train'                  'validation[N_test:]' images  'validation'
-  coco_captions   'train', per caption     'val' (Karpathy)              'test' (Karpathy)
-  vqav2 (disk)    train2014                val2014 from question N_test  val2014
+  source          backbone / train                               calibration                   test
+  sort_of_clevr   generator 'backbone' / 'train'                 generator 'val'               generator 'test'
+  clevr (tfds)    'train'                                        'validation[N_test:]' images  'validation'
+  coco_captions   'train', per caption                           'val' (Karpathy)              'test' (Karpathy)
+  vqav2 (disk)    train2014                                      val2014 from question N_test  val2014
+
+(A backbone for real data is loaded pretrained; training the tiny embedded one on a real source, which only
+tests do, reads the same 'train' split as the exits.)
 
 (CLEVR and VQAv2 test answers are not public, hence validation. VQAv2 questions of one image are
 adjacent, so only the image at the boundary may appear in both calibration and test.)
@@ -31,11 +36,11 @@ import numpy as np
 
 from free_jax.data import sort_of_clevr, tfds_pipelines, vqav2
 
-SPLITS = ('train', 'calibration', 'test')
+SPLITS = ('backbone', 'train', 'calibration', 'test')
 REAL_SOURCES = ('clevr', 'coco_captions', 'vqav2')
 SOURCE_TASKS = {'sort_of_clevr': ('vqa', 'caption'), 'clevr': ('vqa',), 'coco_captions': ('caption',),
                 'vqav2': ('vqa',)}
-_GENERATOR_SPLITS = {'train': 'train', 'calibration': 'val', 'test': 'test'}
+_GENERATOR_SPLITS = {'backbone': 'backbone', 'train': 'train', 'calibration': 'val', 'test': 'test'}
 
 
 def load_examples(config: ml_collections.ConfigDict, split: str, num: int, image_size: int) -> dict:
@@ -63,14 +68,15 @@ def load_examples(config: ml_collections.ConfigDict, split: str, num: int, image
     return sort_of_clevr.make_split(_GENERATOR_SPLITS[split], num, seed, task=d.task, image_size=image_size)
   common = dict(image_size=image_size, shuffle_seed=seed)
   if d.source == 'clevr':
-    tfds_split = {'train': 'train', 'calibration': f'validation[{d.num_test}:]', 'test': 'validation'}[split]
+    tfds_split = {'backbone': 'train', 'train': 'train', 'calibration': f'validation[{d.num_test}:]',
+                  'test': 'validation'}[split]
     stream = tfds_pipelines.load_clevr_vqa(tfds_split, d.data_dir, max_examples=num, **common)
   elif d.source == 'coco_captions':
-    tfds_split = {'train': 'train', 'calibration': 'val', 'test': 'test'}[split]
-    stream = tfds_pipelines.load_coco_captions(tfds_split, d.data_dir, per_caption=split == 'train',
+    tfds_split = {'backbone': 'train', 'train': 'train', 'calibration': 'val', 'test': 'test'}[split]
+    stream = tfds_pipelines.load_coco_captions(tfds_split, d.data_dir, per_caption=split in ('backbone', 'train'),
                                                max_examples=num, **common)
   else:
-    files = vqav2.VQAv2Files.standard(d.data_dir, 'train' if split == 'train' else 'val')
+    files = vqav2.VQAv2Files.standard(d.data_dir, 'train' if split in ('backbone', 'train') else 'val')
     stream = vqav2.load_vqav2(files, max_examples=num, offset=d.num_test if split == 'calibration' else 0,
                               **common)
   examples = list(itertools.islice(stream, num))

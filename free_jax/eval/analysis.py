@@ -203,13 +203,14 @@ def plot_quality_vs_speedup(curves: Mapping[str, tuple[Sequence[float], Sequence
 
 def plot_per_layer_quality(curves: Mapping[str, Sequence[float]], path: str, *,
                            layers: Sequence[int] | None = None, quality_label: str = 'quality',
-                           title: str | None = None) -> str:
+                           title: str | None = None, xlabel: str = 'exit layer') -> str:
   """Per-layer (or per-exit) quality of several methods on one axis: the mid-crisis picture.
 
   Args:
     curves: method name -> float[E] quality at each exit, shallow to deep.
     path: PNG file to write.
     layers: int[E] layer index of each exit for the x axis (default 1..E).
+    xlabel: the x axis' name.
 
   Returns:
     path.
@@ -222,7 +223,7 @@ def plot_per_layer_quality(curves: Mapping[str, Sequence[float]], path: str, *,
       raise ValueError(f'curve {name!r}: quality shape {quality.shape} does not match layers '
                        f'shape {x.shape}')
     ax.plot(x, quality, marker='o', label=f'{name} (dip {mid_crisis_dip(quality):.3f})')
-  ax.set_xlabel('exit layer')
+  ax.set_xlabel(xlabel)
   ax.set_ylabel(quality_label)
   ax.legend()
   return _save(fig, path)

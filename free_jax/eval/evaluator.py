@@ -1,7 +1,7 @@
 """Early-exit evaluation of a trained FREE run: quality, calibration, exit statistics, measured speedups.
 
 `early_exit_evaluation(config, workdir, backbone, exit_params)` (also the evaluator hook of
-`training.pipeline.train_and_evaluate`) writes ``workdir/eval/summary.json`` and three PNGs:
+`training.pipeline.train_and_evaluate`) writes ``workdir/eval/summary.json`` and its plots:
 
 1. Decode the test split (``data.test_seed``) with the full-depth decoder (an `EarlyExitDecoder`
    without exits: the same program structure, so timings compare like with like) and with early
@@ -15,12 +15,15 @@
    prompts (prefill included); "end_to_end" adds the image encoder, Q-Former (and T5 encoder).
 4. Threshold sweep (quality vs measured decode speedup), teacher-forced quality of every exit and of
    every layer through the frozen head ("naive" exits: the mid-crisis curve), overthinking.
+5. VQA: all of that per question type (``per_type``: which types are answered at shallow layers and
+   which need depth, with each type's majority-answer rate as its chance level).
 
 For patience, the swept/calibrated "threshold" is the patience k (largest = most conservative).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -214,7 +217,7 @@ class Evaluator:
     VQA: an example is right at an exit when every target token (answer and EOS) is its argmax given
     the true prefix. Captions: tokens are the examples.
     """
-    exit_right, layer_right = [], []
+    exit_right, layer_right, kinds = [], [], []
     for chunk in batching.iterate_batches(examples, self.config.train.batch_size, 0, shuffle=False, num_epochs=1,
                                           drop_remainder=False):
       batch = batching.train_batch(chunk, self.backbone.tokenizer, self.backbone.fmt, self.task)
@@ -226,13 +229,36 @@ class Evaluator:
           out.append((hit | ~mask[None]).all(-1)[:, batch['valid']])
         else:
           out.append(hit[:, mask])
+      if self.task == 'vqa':
+        kinds += list(np.asarray(chunk.get('question_type', [''] * len(batch['valid'])))[batch['valid']])
     exit_right, layer_right = np.concatenate(exit_right, 1), np.concatenate(layer_right, 1)
     final = layer_right[-1]
-    return {'per_exit': analysis.per_exit_quality(np.concatenate([exit_right, final[None]])).tolist(),
-            'per_layer_naive': analysis.per_exit_quality(layer_right).tolist(),
-            'overthinking_rate': analysis.overthinking_rate(exit_right, final),
-            'naive_overthinking_rate': analysis.overthinking_rate(layer_right[:-1], final),
-            'unit': 'answer' if self.task == 'vqa' else 'token'}
+    out = {'per_exit': analysis.per_exit_quality(np.concatenate([exit_right, final[None]])).tolist(),
+           'per_layer_naive': analysis.per_exit_quality(layer_right).tolist(),
+           'overthinking_rate': analysis.overthinking_rate(exit_right, final),
+           'naive_overthinking_rate': analysis.overthinking_rate(layer_right[:-1], final),
+           'unit': 'answer' if self.task == 'vqa' else 'token', 'per_type': {}}
+    kinds = np.asarray(kinds)
+    for kind in sorted(set(kinds) - {''}):  # the difficulty gradient: which types need depth
+      rows = kinds == kind
+      out['per_type'][kind] = {
+          'count': int(rows.sum()),
+          'per_exit': analysis.per_exit_quality(np.concatenate([exit_right, final[None]]), rows).tolist(),
+          'per_layer_naive': analysis.per_exit_quality(layer_right, rows).tolist()}
+    return out
+
+
+def _per_type(examples: dict, teacher: dict, full_scores, early_scores) -> dict:
+  """Per question type: teacher-forced quality of every exit and layer, and the generated answers' accuracy
+  at full depth and with early exit (and the majority-answer baseline, the type's chance level)."""
+  kinds = np.asarray(examples.get('question_type', []))
+  out = {}
+  for kind, row in teacher.items():
+    rows = kinds == kind
+    answers = collections.Counter(np.asarray(examples['answer'])[rows].tolist())
+    out[kind] = dict(row, majority_answer=answers.most_common(1)[0][1] / rows.sum(),
+                     full=float(np.mean(full_scores[rows])), early_exit=float(np.mean(early_scores[rows])))
+  return out
 
 
 def _losses(ev: Evaluator, predictions: np.ndarray, reference_tokens: np.ndarray, examples: dict) -> np.ndarray:
@@ -307,7 +333,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
   test_batches = ev.batches(test)
   test_prompts = [ev.prompts(b) for b in test_batches]
   full_tokens, _, _, _ = ev.decode(ev.full, test_batches, test_prompts)
-  quality_full, _ = score(ev.task, ev.texts(full_tokens), test)
+  quality_full, full_scores = score(ev.task, ev.texts(full_tokens), test)
   grid = sweep_grid(ev)
 
   calibration = None
@@ -327,7 +353,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       value = float(len(ev.exit_layers) + 1)  # patience beyond the number of exits never exits
 
   tokens, exit_index, cost, full_cost = ev.decode(ev.early, test_batches, test_prompts, value)
-  quality_early, _ = score(ev.task, ev.texts(tokens), test)
+  quality_early, early_scores = score(ev.task, ev.texts(tokens), test)
   test_risk = float(_losses(ev, tokens[None], full_tokens, test).mean())
   generated = exit_index >= 0
   depth_layers = np.asarray((*ev.exit_layers, ev.stack.num_layers))
@@ -383,6 +409,7 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       'per_exit_quality': dict(zip(names, teacher['per_exit'])),
       'per_exit_quality_unit': teacher['unit'],
       'per_layer_quality_naive': teacher['per_layer_naive'],
+      'per_type': _per_type(test, teacher['per_type'], full_scores, early_scores),
       'overthinking_rate': teacher['overthinking_rate'],
       'naive_overthinking_rate': teacher['naive_overthinking_rate'],
       'sweep': sweep,
@@ -401,6 +428,11 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       {'naive exits (frozen head)': np.asarray(teacher['per_layer_naive'])[at], 'FREE exits': teacher['per_exit']},
       os.path.join(out_dir, 'per_layer_quality.png'), layers=at + 1,
       quality_label=f'teacher-forced {teacher["unit"]} accuracy')
+  if summary['per_type']:
+    analysis.plot_per_layer_quality(
+        {kind: row['per_layer_naive'] for kind, row in summary['per_type'].items()},
+        os.path.join(out_dir, 'per_type_per_layer.png'), quality_label='teacher-forced answer accuracy',
+        title='per question type, every layer through the frozen head', xlabel='layer')
   analysis.plot_exit_histogram(histogram, os.path.join(out_dir, 'exit_histogram.png'), labels=names)
   modes = {'full': (quality_full, 1.0), f'early exit ({value:g})': (quality_early, decode_timing['speedup'])}
   if speculative is not None:

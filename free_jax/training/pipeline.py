@@ -42,7 +42,8 @@ from free_jax.models import blip2
 from free_jax.models.opt import OPTConfig
 from free_jax.models.qformer import QFormerConfig
 from free_jax.models.vit import VisionConfig
-from free_jax.training import backbone_step, checkpoint, distributed, free_step, grounding, optim, parallel, sharding
+from free_jax.training import (backbone_step, checkpoint, distributed, free_step, grounding, hidden_labels, optim,
+                               parallel, sharding)
 from free_jax.training import state as state_lib
 from free_jax.training import logging as metrics_logging
 
@@ -52,8 +53,9 @@ BACKBONE_DIR = 'backbone'
 CHECKPOINT_DIR = 'checkpoints'
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Part of the backbone cache key: bump it when code changes what stage 1 trains for the same config
-# (2: sin-cos ViT position init, the grounding loss and caption steps), so a stale cached backbone is never reused.
-BACKBONE_VERSION = 2
+# (2: sin-cos ViT position init, the grounding loss and caption steps; 3: the slot-aligned grounding probe and
+# lattice-unambiguous relational questions), so a stale cached backbone is never reused.
+BACKBONE_VERSION = 3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,6 +142,8 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
       check(config.data.source == 'sort_of_clevr',
              f"backbone_train.{name}={value} needs {needs} of data.source='sort_of_clevr' "
              f'(got {config.data.source!r}); set it to 0')
+  if config.backbone_train.grounding_weight > 0 and config.model.source == 'embedded':
+    grounding.check_query_tokens(config.model.embedded.num_query_tokens)
   for name in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     check(config.train[name] >= 1, f'train.{name}={config.train[name]} must be >= 1')
   check(config.data.num_test >= 1, f'data.num_test={config.data.num_test} must be >= 1')
@@ -159,7 +163,7 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
 
 
 def load_examples(config: ml_collections.ConfigDict, split: str, num_examples: int, image_size: int) -> dict:
-  """`num_examples` examples of `split` ('train', 'calibration' or 'test') of data.source: `sources.load_examples`."""
+  """`num_examples` examples of `split` (`sources.SPLITS`) of data.source: `sources.load_examples`."""
   return sources.load_examples(config, split, num_examples, image_size)
 
 
@@ -280,7 +284,7 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   state = _initial_backbone_state(config, model, fmt, tx)
   step_fn = backbone_step.make_backbone_step(model, tx, mesh, c.grounding_weight)
   backbone = Backbone(model, None, tokenizer, fmt)
-  examples = load_examples(config, 'train', c.num_examples, fmt.image_size)
+  examples = load_examples(config, 'backbone', c.num_examples, fmt.image_size)
   run_dir = os.path.join(workdir, BACKBONE_DIR)
   with _backbone_checkpointer(config, workdir) as ckpt:
     state = _train_loop(state, step_fn, ckpt, run_dir, mesh, total_steps=c.steps,
@@ -391,9 +395,7 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
     disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
     step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *gan_optimizers(config),
                                        mesh)
-    examples = load_examples(config, 'train', config.data.num_train, backbone.fmt.image_size)
-    examples['labelled'] = batching.label_subset(config.data.num_train, config.data.label_fraction,
-                                                 config.data.seed)
+    examples = exit_training_examples(config, workdir, backbone)
     params = sharding.place_backbone(backbone.params, mesh, config.train.backbone_sharding)
     adversarial = free_step.MODES[config.free.mode][0]
     state = _train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
@@ -404,6 +406,17 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
                         progress_keys=('d_loss', 'g_loss') if adversarial else ('g_loss',), desc='exits')
   _save_exits(config, workdir, backbone, state.exits)
   return state
+
+
+def exit_training_examples(config: ml_collections.ConfigDict, workdir: str, backbone: Backbone) -> dict:
+  """The exit stage's examples: only ``data.label_fraction`` of them keep their labels, the others are
+  taught on the backbone's own outputs (`hidden_labels`, cached in the workdir)."""
+  d = config.data
+  examples = load_examples(config, 'train', d.num_train, backbone.fmt.image_size)
+  labelled = batching.label_subset(d.num_train, d.label_fraction, d.seed)
+  made_from = {k: d[k] for k in ('task', 'source', 'data_dir', 'seed', 'num_train', 'label_fraction',
+                                 'max_text_length')}
+  return hidden_labels.exit_stage_examples(workdir, backbone, examples, labelled, d.task, made_from)
 
 
 def _save_exits(config, workdir: str, backbone: Backbone, exit_params: PyTree) -> None:

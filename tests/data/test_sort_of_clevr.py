@@ -78,6 +78,13 @@ def _answer_from_scene(question, scene, image_size):
   if m[2] == 'farthest from':
     others = others[::-1]
   assert abs(others[0][0] - others[1][0]) >= 1.0, 'the nearest/farthest object is ambiguous'
+  # The same object on the lattice, uniquely: the answer never depends on pixel jitter.
+  cell = image_size // 4
+  lattice = sorted((math.hypot(x // cell - x0 // cell, y // cell - y0 // cell), c) for c, _, x, y in scene
+                   if c != m[3])
+  if m[2] == 'farthest from':
+    lattice = lattice[::-1]
+  assert lattice[0][0] != lattice[1][0] and lattice[0][1] == others[0][1], 'ambiguous on the lattice'
   return others[0][1] if m[1] == 'color' else others[0][2]
 
 

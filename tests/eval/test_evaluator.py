@@ -51,7 +51,7 @@ def test_always_exit_summary(tmp_path):
   assert set(KEYS) <= set(summary)
   with open(tmp_path / 'eval' / 'summary.json') as f:
     assert json.load(f) == json.loads(json.dumps(summary))
-  for png in ('quality_vs_speedup.png', 'per_layer_quality.png', 'exit_histogram.png'):
+  for png in ('quality_vs_speedup.png', 'per_layer_quality.png', 'exit_histogram.png', 'per_type_per_layer.png'):
     assert os.path.getsize(tmp_path / 'eval' / png) > 0
   first, layers = config.exits.layers[0], summary['num_layers']
   counts = summary['exit_histogram']
@@ -66,6 +66,15 @@ def test_always_exit_summary(tmp_path):
   assert summary['speedup_decode_wallclock'] > 0 and summary['timing']['decode']['repeats'] == 1
   assert summary['test_seed'] == config.data.test_seed
   assert [s['threshold'] for s in summary['sweep']] == [1.0, 0.5, 0.0]
+  # Per question type: counts add up, and the type-weighted means are the overall figures.
+  per_type = summary['per_type']
+  assert sum(t['count'] for t in per_type.values()) == config.data.num_test
+  weighted = lambda f: sum(f(t) * t['count'] for t in per_type.values()) / config.data.num_test
+  assert weighted(lambda t: t['full']) == pytest.approx(summary['quality_full'])
+  assert weighted(lambda t: t['early_exit']) == pytest.approx(summary['quality_early_exit'])
+  assert weighted(lambda t: t['per_layer_naive'][-1]) == pytest.approx(summary['per_layer_quality_naive'][-1])
+  assert all(len(t['per_exit']) == len(config.exits.layers) + 1 and 0 < t['majority_answer'] <= 1
+             for t in per_type.values())
 
 
 def test_calibrated_threshold(tmp_path):
