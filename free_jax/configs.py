@@ -5,12 +5,16 @@ typo on the command line (`--config.exits.layerz=...`) fails at once instead of 
 Every field is documented here, once.
 """
 
+import pathlib
+
 import ml_collections
 
 TASKS = ('vqa', 'caption')
 DATA_SOURCES = ('sort_of_clevr', 'clevr', 'coco_captions', 'vqav2')
 FREE_MODES = ('semi_supervised', 'unsupervised_kd', 'unsupervised_pseudo', 'ce_only', 'kd_only', 'cosine')
 CONFIDENCE_MEASURES = ('max_prob', 'top2_margin', 'entropy', 'patience')
+# The embedded BLIP-2 shipped with the project (free_jax.shipped; docs/backbone.md): the default backbone.
+SHIPPED_BACKBONE = str(pathlib.Path(__file__).resolve().parents[1] / 'assets' / 'sort_of_clevr_blip2')
 
 
 def embedded_backbone() -> ml_collections.ConfigDict:

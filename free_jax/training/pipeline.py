@@ -35,7 +35,7 @@ from absl import logging
 from free_jax import configs
 from free_jax.backbone import PROBE_EXAMPLES, Backbone, check, make_input_format
 from free_jax import exits as exits_lib
-from free_jax import exits_io, teacher_forcing, vlm
+from free_jax import exits_io, shipped, teacher_forcing, vlm
 from free_jax.data import batching, sort_of_clevr, sources
 from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.models import blip2
@@ -110,6 +110,8 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
     check(bool(config.model.pretrained_path), "model.source='pretrained' needs model.pretrained_path")
     check(os.path.isdir(config.model.pretrained_path),
            f'model.pretrained_path={config.model.pretrained_path!r} is not a directory')
+    if os.path.isfile(os.path.join(config.model.pretrained_path, shipped.RECORD_FILE)):
+      shipped.verify(config.model.pretrained_path)  # a shipped backbone: its files are the recorded ones
   check(config.train.backbone_sharding in sharding.MODES,
          f'train.backbone_sharding={config.train.backbone_sharding!r}; expected one of {sharding.MODES}')
   check(config.free.mode in configs.FREE_MODES,
