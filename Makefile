@@ -6,7 +6,7 @@ WORKDIR ?= workdir/vqa
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup setup-test train test
+.PHONY: setup setup-test train test report
 
 $(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,3 +27,7 @@ train: setup
 
 test: setup-test
 	$(PY) -m pytest -q tests
+
+# Every figure the README quotes, from fresh runs (reused when finished): docs/results.md, docs/figures/, README.
+report: setup
+	$(PY) experiments/report.py --workdir=workdir/report

@@ -33,6 +33,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import scipy.stats
 
 from free_jax import configs
 from free_jax.eval import analysis, evaluator
@@ -99,7 +100,7 @@ class Grid:
 
 GRIDS = {
     # 12 exit trainings + 15 evaluations per seed on the default 8-layer backbone (docs/reproduction.md).
-    'full': Grid(methods=tuple(METHODS), label_fractions=(0.01, 0.1, 1.0), seeds=(0,),
+    'full': Grid(methods=tuple(METHODS), label_fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2),
                  overrides={'train.steps': 300, 'train.warmup_steps': 30, 'train.log_every': 50,
                             'train.checkpoint_every': 150, 'data.num_calibration': 300, 'data.num_test': 400,
                             'eval.risk_delta': 0.05, 'eval.num_sweep_thresholds': 5,
@@ -253,14 +254,21 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, backbone: pipeline.
   return record
 
 
+def _t95(n: int) -> float:
+  """Two-sided 95% Student-t quantile for the mean of n seeds (0 for one seed: no spread to scale)."""
+  return float(scipy.stats.t.ppf(0.975, n - 1)) if n > 1 else 0.0
+
+
 def aggregate(records: Sequence[Mapping[str, Any]]) -> dict:
-  """Mean and spread over seeds: ``k`` (mean) and ``k_std`` (sample std; 0 for one seed) of every scalar,
-  per-exit quality averaged per exit, sweep averaged per threshold index."""
+  """Mean and spread over seeds: ``k`` (mean), ``k_std`` (sample std; 0 for one seed) and ``k_ci95`` (half-width
+  of the 95% t-interval of the mean over seeds) of every scalar, per-exit quality averaged per exit, sweep
+  averaged per threshold index."""
   out = {}
   for k in _SCALARS:
     values = np.asarray([r[k] for r in records], np.float64)
     out[k] = float(values.mean())
     out[f'{k}_std'] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    out[f'{k}_ci95'] = _t95(len(values)) * out[f'{k}_std'] / np.sqrt(len(values))
   for k in ('per_exit_quality', 'naive_quality_at_exits'):
     out[k] = {name: float(np.mean([r[k][name] for r in records])) for name in records[0][k]}
   out['per_exit_quality_std'] = {name: float(np.std([r['per_exit_quality'][name] for r in records],
@@ -326,9 +334,9 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, grid: str | Grid 
 
 
 def _pm(row: Mapping[str, Any], key: str, fmt: str = '.3f') -> str:
-  std = row.get(f'{key}_std', 0.0)
+  """mean ± half-width of its 95% interval over seeds (the mean alone for one seed)."""
   text = format(row[key], fmt)
-  return f'{text} ± {format(std, fmt)}' if len(row['seeds']) > 1 else text
+  return f"{text} ± {format(row.get(f'{key}_ci95', 0.0), fmt)}" if len(row['seeds']) > 1 else text
 
 
 def _find(rows, method: str, fraction: float):
@@ -342,21 +350,23 @@ def _sampling_variance(share, num_test: int):
 
 
 def _compare(a: Mapping, b: Mapping, key: str, lower_is_better: bool = False) -> tuple[str, float]:
-  """(verdict, a - b): 'holds' when a is better than b by more than one standard error, 'does not hold'
-  when worse by more. The error combines the seed spread and the test split's sampling error: binomial for
-  shares of the test questions; a mid-crisis dip is a difference of two accuracies near the exits' mean."""
+  """(verdict, a - b): 'holds' when the 95% interval of a - b lies on a's better side, 'does not hold' when on
+  the worse side, else inconclusive. The interval combines the seeds' 95% t-intervals of both means and the
+  test split's sampling error (95% normal; the split is shared by the seeds, so more seeds do not shrink it):
+  binomial for shares of the test questions; a mid-crisis dip is a difference of two accuracies near the exits'
+  mean."""
   diff = a[key] - b[key]
   if key == 'mid_crisis_dip':
     sampling = sum(2 * _sampling_variance(r['mean_exit_quality'], r['num_test']) for r in (a, b))
   else:
     sampling = sum(_sampling_variance(r[key], r['num_test']) for r in (a, b))
-  error = float(np.sqrt(a.get(f'{key}_std', 0.0)**2 + b.get(f'{key}_std', 0.0)**2 + sampling))
+  error = float(np.sqrt(a.get(f'{key}_ci95', 0.0)**2 + b.get(f'{key}_ci95', 0.0)**2 + 1.96**2 * sampling))
   better = -diff if lower_is_better else diff
   if better > error:
     return 'holds', diff
   if better < -error:
     return 'does not hold', diff
-  return f'inconclusive (within one standard error, {error:.3f})', diff
+  return f'inconclusive (inside the 95% interval, ±{error:.3f})', diff
 
 
 def claims(rows: Sequence[Mapping[str, Any]], comparable_drop: float) -> list[str]:
@@ -406,7 +416,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], grid: Grid, meta: Mapping[str, A
   lines = ['# FREE reproduction on the embedded benchmark', '',
            f'Backbone: {first["num_layers"]}-layer LM, exits after layers {first["exit_layers"]}; full-model '
            f'{metric} {first["quality_full"]:.3f}. Seeds: {list(grid.seeds)}'
-           + (' (mean ± sample std).' if len(grid.seeds) > 1 else ' (one seed: no spread).'), '',
+           + (' (mean ± half-width of its 95% t-interval over seeds).' if len(grid.seeds) > 1
+              else ' (one seed: no spread).'), '',
            'Quality = test-split early-exit quality at the calibrated threshold; speedups are measured '
            'decode wall clock (batch 1) and layer counts; "best ≤ x pt" = largest measured speedup over '
            f'the threshold sweep within {100 * grid.comparable_drop:g} point of the full model. Per-exit '

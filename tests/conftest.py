@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -28,3 +29,24 @@ def smoke_run(tmp_path_factory):
   assert out.returncode == 0, out.stderr[-3000:]
   print(f'\n:smoke CLI run (backbone + exits + eval): {seconds:.1f} s')
   return workdir, out
+
+
+def run_study_cli(workdir, out, *flags):
+  """Seconds of ``experiments/reproduce.py --grid=smoke`` in a fresh process (asserts it succeeded)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  start = time.time()
+  result = subprocess.run([sys.executable, 'experiments/reproduce.py', '--grid=smoke', f'--workdir={workdir}',
+                           f'--out={out}', *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return time.time() - start
+
+
+@pytest.fixture(scope='session')
+def smoke_study(smoke_run, tmp_path_factory):
+  """A finished smoke study (results in ``workdir/results``) on the `smoke_run` backbone (copied: the same
+  config trains the same backbone, so the study's backbone stage is skipped). Read-only."""
+  workdir = tmp_path_factory.mktemp('study')
+  shutil.copytree(smoke_run[0] / 'backbone', workdir / 'backbone')
+  seconds = run_study_cli(workdir, workdir / 'results')
+  print(f'\nsmoke study (5 exit trainings + 7 evaluations): {seconds:.1f} s')
+  return workdir

@@ -3,29 +3,20 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 
 from experiments.configs import vqa
 from free_jax import reproduce
+from tests.conftest import run_study_cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROW_KEYS = {'method', 'label_fraction', 'quality', 'speedup_decode_wallclock', 'speedup_layers',
             'per_exit_quality', 'overthinking_rate', 'mid_crisis_dip', 'seeds', 'labels_used', 'sweep',
-            'quality_std'}
+            'quality_std', 'quality_ci95'}
 
 
 def _cli(workdir, out):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
-  start = time.time()
-  result = subprocess.run([sys.executable, 'experiments/reproduce.py', '--grid=smoke', f'--workdir={workdir}',
-                           f'--out={out}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return time.time() - start
+  return run_study_cli(workdir, out)
 
 
 def _checkpoint_files(workdir):
@@ -35,11 +26,8 @@ def _checkpoint_files(workdir):
 
 
 @pytest.fixture(scope='module')
-def study(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('study')
-  seconds = _cli(workdir, workdir / 'results')
-  print(f'\nsmoke study (backbone + 5 exit trainings + 7 evaluations): {seconds:.1f} s')
-  return workdir
+def study(smoke_study):
+  return smoke_study
 
 
 def test_smoke_study_writes_rows_tables_and_plots(study):
@@ -116,6 +104,7 @@ def test_run_record_and_aggregate():
   row = reproduce.aggregate([a, b])
   assert row['quality'] == pytest.approx(0.7)
   assert row['quality_std'] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+  assert row['quality_ci95'] == pytest.approx(12.7062 * np.std([0.8, 0.6], ddof=1) / np.sqrt(2), rel=1e-4)
   assert row['per_exit_quality']['exit4'] == pytest.approx(0.4)
   assert row['sweep'][1]['speedup_decode_wallclock'] == pytest.approx(2.5)
   assert row['runs'] == ['a', 'b'] and reproduce.aggregate([a])['quality_std'] == 0.0
@@ -125,15 +114,15 @@ def test_claims_verdicts_follow_the_numbers():
   grid_rows = []
   for method, exits in (('free', (0.8, 0.8, 0.8, 0.9)), ('ce_only', (0.5, 0.5, 0.5, 0.9))):
     row = reproduce.aggregate([_record(0.85, exits)])
-    row.update(method=method, label_fraction=0.1, seeds=[0, 1], mean_exit_quality_std=0.01)
+    row.update(method=method, label_fraction=0.1, seeds=[0, 1], mean_exit_quality_ci95=0.01)
     grid_rows.append(row)
   lines = reproduce.claims(grid_rows, comparable_drop=0.01)
   assert '**holds**' in lines[0] and '+0.300' in lines[0]
   assert 'inconclusive' in lines[1]  # equal overthinking
   assert '**does not hold**' in lines[3]  # best comparable speedup 1.0x < 1.51x
-  grid_rows[0]['mean_exit_quality_std'] = 0.5  # the difference is now within the seed spread
+  grid_rows[0]['mean_exit_quality_ci95'] = 0.5  # the difference is now inside the seeds' 95% interval
   assert 'inconclusive' in reproduce.claims(grid_rows, 0.01)[0]
-  grid_rows[0]['mean_exit_quality_std'] = 0.0
+  grid_rows[0]['mean_exit_quality_ci95'] = 0.0
   for row in grid_rows:
     row['num_test'] = 4  # 0.3 apart on 4 questions is within the test split's sampling error
   assert 'inconclusive' in reproduce.claims(grid_rows, 0.01)[0]

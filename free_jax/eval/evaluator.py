@@ -49,6 +49,7 @@ from free_jax.inference import calibrate as calibrate_lib
 from free_jax.inference import confidence as conf_lib
 from free_jax.inference import cost as cost_lib
 from free_jax.inference.early_exit import PREFILL_MODES, PROPAGATION_MODES, EarlyExitDecoder, layer_cost
+from free_jax.models.hf_tensors import read_json
 from free_jax.models import blip2
 from free_jax.vlm import EarlyExitVLM
 
@@ -318,13 +319,31 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
         f'eval.calibration_method={e.calibration_method!r}; expected one of {calibrate_lib.METHODS}')
 
 
+def made_from(config: ml_collections.ConfigDict, exit_params: PyTree) -> dict:
+  """What an evaluation of these exits depends on (JSON as stored: tuples become lists). A stored evaluation
+  made from anything else is stale."""
+  return json.loads(json.dumps({
+      'exits_digest': exits_io.fingerprint(exit_params), 'eval': config.eval.to_dict(),
+      'data': {k: config.data[k] for k in ('source', 'task', 'data_dir', 'test_seed', 'num_test', 'num_calibration')}}))
+
+
 def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backbone: Backbone,
-                          exit_params: PyTree) -> dict:
-  """Runs the whole evaluation (module docstring); writes and returns ``workdir/eval/summary.json``."""
+                          exit_params: PyTree, reuse: bool = True) -> dict:
+  """Runs the whole evaluation (module docstring); writes and returns ``workdir/eval/summary.json``.
+
+  With `reuse`, a summary already made from these exits and settings (`made_from`) is returned as it is: a
+  finished run is not evaluated twice (experiments/evaluate.py passes False: it always measures again).
+  """
   check_eval_config(config)
   e = config.eval
-  ev = Evaluator(config, backbone, exit_params)
   out_dir = os.path.join(workdir, EVAL_DIR)
+  inputs = made_from(config, exit_params)
+  path = os.path.join(out_dir, SUMMARY_FILE)
+  if reuse and os.path.isfile(path):
+    stored = read_json(path)
+    if stored.get('made_from') == inputs:
+      return stored
+  ev = Evaluator(config, backbone, exit_params)
   os.makedirs(out_dir, exist_ok=True)
   with tempfile.TemporaryFile(dir=out_dir):  # writable? (before the work, not when saving the plots)
     pass
@@ -416,7 +435,8 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       'speculative': speculative,
       'num_test': config.data.num_test,
       'test_seed': config.data.test_seed,
-      'exits_digest': exits_io.fingerprint(exit_params),  # which exits this evaluates (`EarlyExitVLM.load`)
+      'exits_digest': inputs['exits_digest'],  # which exits this evaluates (`EarlyExitVLM.load`)
+      'made_from': inputs,
   }
   analysis.plot_quality_vs_speedup(
       {f'FREE exits ({e.confidence})': ([s['speedup_decode_wallclock'] for s in sweep],
@@ -439,7 +459,6 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
     modes[f"speculative (exit {speculative['draft_layer']}, k={speculative['max_draft']})"] = (
         speculative['quality'], speculative['speedup_decode_wallclock'])
   analysis.plot_modes(modes, os.path.join(out_dir, 'modes.png'), quality_label=summary['quality_metric'])
-  path = os.path.join(out_dir, SUMMARY_FILE)
   with open(path + '.tmp', 'w') as f:
     json.dump(summary, f, indent=1)
   os.replace(path + '.tmp', path)

@@ -38,6 +38,7 @@ from free_jax import exits as exits_lib
 from free_jax import exits_io, shipped, teacher_forcing, vlm
 from free_jax.data import batching, sort_of_clevr, sources
 from free_jax.data import tokenizer as tokenizer_lib
+from free_jax.eval import evaluator
 from free_jax.models import blip2
 from free_jax.models.opt import OPTConfig
 from free_jax.models.qformer import QFormerConfig
@@ -155,7 +156,6 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
   if config.model.source == 'embedded':
     check(not model_config.is_encoder_decoder, 'the embedded backbone is OPT-only')
   make_input_format(config, model_config, _tokenizer(config))  # text lengths vs data.max_text_length
-  from free_jax.eval import evaluator  # pylint: disable=g-import-not-at-top  (evaluation imports no training)
   evaluator.check_eval_config(config)
   return model_config
 
@@ -510,7 +510,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config: a config from `free_jax.configs` (e.g. experiments/configs/vqa.py).
     workdir: the run directory.
     evaluators: extra ``fn(config, workdir, backbone, exit_params) -> dict`` run after training (e.g.
-      the early-exit decoder); their results are merged into the summary under their function names.
+      `evaluator.early_exit_evaluation`), on every call: each stores its own results and reuses them while
+      they are up to date. They are merged into the returned summary under their function names, not into
+      ``train_eval.json``, which holds only what is deterministic.
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -520,9 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   backbone = backbone_stage(config, workdir, mesh)
   state = exit_stage(config, workdir, backbone, mesh)
   # What the evaluation was made from: it is reused only for these exits and these evaluation settings.
-  made_from = json.loads(json.dumps({  # as stored (tuples become lists)
-      'exits_digest': exits_io.fingerprint(state.exits), 'eval': config.eval.to_dict(),
-      'data': {k: config.data[k] for k in ('test_seed', 'num_test', 'num_calibration')}}))
+  made_from = evaluator.made_from(config, state.exits)
   summary = None
   if os.path.exists(eval_path):
     with open(eval_path) as f:
@@ -533,11 +533,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if summary is None:
     summary = evaluate_stage(config, backbone, state.exits)
     summary['made_from'] = made_from
-    for fn in evaluators:
-      summary[fn.__name__] = fn(config, workdir, backbone, state.exits)
     tmp = eval_path + '.tmp'
-    with open(tmp, 'w') as f:
+    with open(tmp, 'w') as f:  # deterministic: the same command gives the same file (timings live in eval/)
       json.dump(summary, f, indent=1)
     os.replace(tmp, eval_path)
+  # Each evaluator keeps its own results (and reuses them while they are up to date).
+  summary = dict(summary, **{fn.__name__: fn(config, workdir, backbone, state.exits) for fn in evaluators})
   print(format_table(summary), flush=True)
   return summary
