@@ -28,7 +28,7 @@ def embedded_backbone() -> ml_collections.ConfigDict:
   c.qformer_hidden = 96        # Q-Former width
   c.qformer_layers = 2         # Q-Former depth (cross-attention in every layer)
   c.qformer_heads = 4          # Q-Former attention heads
-  c.num_query_tokens = 8       # learned queries = image tokens seen by the LM (>= 8: one per colour, grounding.py)
+  c.num_query_tokens = 8       # learned queries = image tokens seen by the LM
   c.lm_hidden = 128            # OPT width
   c.lm_layers = 8              # OPT depth: deep enough for exits to matter
   c.lm_heads = 4               # OPT attention heads
@@ -130,7 +130,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   e = c.model.embedded
   e.vision_hidden, e.vision_layers, e.qformer_hidden, e.qformer_layers = 32, 1, 32, 1
   e.vision_heads, e.qformer_heads, e.lm_heads = 2, 2, 2
-  e.lm_hidden, e.lm_layers, e.lm_ffn = 32, 4, 64
+  e.num_query_tokens, e.lm_hidden, e.lm_layers, e.lm_ffn = 4, 32, 4, 64
   c.exits.layers = (1, 2)
   c.backbone_train.steps, c.backbone_train.batch_size, c.backbone_train.num_examples = 20, 16, 256
   c.backbone_train.warmup_steps, c.backbone_train.checkpoint_every = 5, 10

@@ -5,15 +5,10 @@ language model first fits the answer prior, no gradient then asks the Q-Former f
 output collapses to a constant (every question type stayed at chance). Real BLIP-2 avoids this with a
 representation-learning stage (image-text contrastive / matching / captioning) that teaches the Q-Former
 to extract what text talks about *before* the LM is attached. The embedded benchmark's analogue is
-cheap and exact: a linear probe predicts, for every colour, the shape, lattice column and lattice row
-of the object of that colour (or "absent"), from the generator's scene metadata
-(`sort_of_clevr.object_slots`). The probe is slot-aligned: colour c is read from image token c alone,
-with one kernel shared by all tokens, so the prefix becomes one token per colour in one common code.
-A probe of the flattened prefix reached ~0.001 loss too, but spread every object over all tokens, and
-the LM then never learned the relational questions (answer loss flat from step 500 to 3000); with a
-token per colour, "the red object" is a lookup and "nearest to it" one attention over the tokens. It
-trains jointly with the answer loss; the probe is discarded afterwards, so the backbone's architecture
-and parameters stay exactly BLIP-2's.
+cheap and exact: a linear probe reads the flattened image prefix and predicts, for every colour, the
+shape, lattice column and lattice row of the object of that colour (or "absent"), from the generator's
+scene metadata (`sort_of_clevr.object_slots`). It trains jointly with the answer loss; the probe is
+discarded afterwards, so the backbone's architecture and parameters stay exactly BLIP-2's.
 """
 
 from __future__ import annotations
@@ -36,22 +31,14 @@ NUM_SLOTS = len(sort_of_clevr.COLOURS)
 LABEL_KEYS = tuple(f'slot_{name}' for name in SLOT_CLASSES)  # batch keys, int32[B, NUM_SLOTS]
 
 
-def check_query_tokens(num_query_tokens: int) -> None:
-  """The slot-aligned probe reads colour c from image token c: it needs a token per colour."""
-  if num_query_tokens < NUM_SLOTS:
-    raise ValueError(f'the grounding loss reads one image token per colour: model.embedded.num_query_tokens='
-                     f'{num_query_tokens} must be >= {NUM_SLOTS} (or backbone_train.grounding_weight=0)')
-
-
 def init_probe(num_query_tokens: int, prefix_width: int) -> PyTree:
-  """Zero-initialised linear probe float[D] -> float[sum(SLOT_CLASSES)], shared by the colour tokens.
+  """Zero-initialised linear probe float[Q * D] -> float[NUM_SLOTS * sum(SLOT_CLASSES)].
 
   Zero init: the loss starts at log(classes) and its first gradients reach the prefix only once the
   probe has learned something, so early steps do not push the backbone around at random.
   """
-  check_query_tokens(num_query_tokens)
-  out = sum(SLOT_CLASSES.values())
-  return {'kernel': jnp.zeros((prefix_width, out)), 'bias': jnp.zeros((out,))}
+  out = NUM_SLOTS * sum(SLOT_CLASSES.values())
+  return {'kernel': jnp.zeros((num_query_tokens * prefix_width, out)), 'bias': jnp.zeros((out,))}
 
 
 def batch_labels(objects: dict, image_size: int) -> dict:
@@ -66,15 +53,14 @@ def grounding_loss(probe: PyTree, prefix: jax.Array, batch: dict[str, jax.Array]
 
   Args:
     probe: `init_probe` params.
-    prefix: float[B, Q, D] the projected Q-Former output (`Blip2Model.image_prefix`), Q >= NUM_SLOTS;
-      token c is read as colour c's slot (tokens past NUM_SLOTS are free).
+    prefix: float[B, Q, D] the projected Q-Former output (`Blip2Model.image_prefix`).
     batch: int32[B, NUM_SLOTS] under `LABEL_KEYS`, and bool[B] 'valid' (batch padding rows get no loss).
     axis_name: data-parallel axis for a global mean.
   """
   b = prefix.shape[0]
   chex.assert_shape([batch[k] for k in LABEL_KEYS], (b, NUM_SLOTS))
-  check_query_tokens(prefix.shape[1])
-  logits = prefix[:, :NUM_SLOTS].astype(jnp.float32) @ probe['kernel'] + probe['bias']
+  logits = prefix.reshape(b, -1).astype(jnp.float32) @ probe['kernel'] + probe['bias']
+  logits = logits.reshape(b, NUM_SLOTS, -1)
   mask = jnp.broadcast_to(batch['valid'].astype(bool)[:, None], (b, NUM_SLOTS))
   total, start = 0.0, 0
   for name, classes in SLOT_CLASSES.items():

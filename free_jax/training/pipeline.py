@@ -54,8 +54,8 @@ BACKBONE_DIR = 'backbone'
 CHECKPOINT_DIR = 'checkpoints'
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Part of the backbone cache key: bump it when code changes what stage 1 trains for the same config
-# (2: sin-cos ViT position init, the grounding loss and caption steps; 3: the slot-aligned grounding probe and
-# lattice-unambiguous relational questions), so a stale cached backbone is never reused.
+# (2: sin-cos ViT position init, the grounding loss and caption steps; 3: relational questions unambiguous on the
+# lattice, its own 'backbone' data split), so a stale cached backbone is never reused.
 BACKBONE_VERSION = 3
 
 
@@ -145,8 +145,6 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
       check(config.data.source == 'sort_of_clevr',
              f"backbone_train.{name}={value} needs {needs} of data.source='sort_of_clevr' "
              f'(got {config.data.source!r}); set it to 0')
-  if config.backbone_train.grounding_weight > 0 and config.model.source == 'embedded':
-    grounding.check_query_tokens(config.model.embedded.num_query_tokens)
   for name in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     check(config.train[name] >= 1, f'train.{name}={config.train[name]} must be >= 1')
   check(config.data.num_test >= 1, f'data.num_test={config.data.num_test} must be >= 1')

@@ -67,7 +67,7 @@ def test_backbone_step_with_grounding_keeps_the_answer_loss_and_learns_the_probe
   # 'loss' is the answer CE alone, identical to the plain step's on the same params.
   np.testing.assert_allclose(history[0]['loss'], plain_metrics['loss'], rtol=1e-6)
   ground = [float(m['grounding']) for m in history]
-  assert all(b < a for a, b in zip(ground, ground[1:])) and ground[-1] < 0.97 * ground[0], ground
+  assert ground[-1] < 0.7 * ground[0], ground
   assert float(jnp.abs(state.probe['kernel']).max()) > 0
 
 
