@@ -44,17 +44,12 @@ def teacher_forced(model: blip2.Blip2Model, params: PyTree, batch: dict[str, jax
   """Runs all LM layers of the BLIP-2 `model` on a training batch (layout: `free_jax.data.batching`)."""
   stack = blip2.lm_stack(model.config, model.dtype)
   lm_params = params['language_model']
-  embeds = model.apply({'params': params}, batch['image'], batch['input_ids'], method='prompt_embeddings')
-  if model.config.is_encoder_decoder:
-    encoder = stack.encode(lm_params, embeds, batch['attention_mask'])
-    valid, inputs = batch['decoder_attention_mask'], {'input_ids': batch['decoder_input_ids']}
-  else:
-    encoder, valid, inputs = None, batch['attention_mask'], {'inputs_embeds': embeds}
-  valid = valid.astype(bool)
-  cache = stack.init_cache(*valid.shape)
-  h, cache, ctx = lm_api.begin_step(stack, lm_params, cache, valid, encoder=encoder, **inputs)
+  seq = model.apply({'params': params}, batch['image'], batch['input_ids'], batch['attention_mask'],
+                    batch.get('decoder_input_ids'), batch.get('decoder_attention_mask'), method='sequence_inputs')
+  cache = stack.init_cache(*seq.valid.shape)
+  h, cache, ctx = lm_api.begin_step(stack, lm_params, cache, seq.valid, encoder=seq.encoder, **seq.step_inputs)
   _, hiddens, _ = stack.run_layers(lm_params, h, cache, ctx, 0, stack.num_layers)
-  return TeacherForced(hiddens=hiddens, token_valid=valid, ctx=ctx)
+  return TeacherForced(hiddens=hiddens, token_valid=seq.valid, ctx=ctx)
 
 
 def exit_predictions(model: blip2.Blip2Model, backbone_params: PyTree, exit_params: PyTree,

@@ -113,6 +113,24 @@ def lm_stack(config: Blip2Config, dtype=jnp.float32) -> OPTStack | T5Stack:
 
 
 @flax.struct.dataclass
+class SequenceInputs:
+  """A whole sequence as the LM decoder takes it (`Blip2Model.sequence_inputs`).
+
+  Attributes:
+    step_inputs: `lm_api.begin_step` keyword inputs: {'inputs_embeds': float[B, T, E]} (OPT: the prompt
+      embeddings with the image prefix in place) or {'input_ids': int[B, T]} (T5: decoder ids).
+    valid: bool[B, T] real tokens of that sequence.
+    encoder: T5 only: the encoder state (`T5Encoded`); None for OPT.
+    encoder_hidden_states: T5 only: the encoder's L_enc + 1 hidden states in HF order; None for OPT.
+  """
+
+  step_inputs: dict[str, jax.Array]
+  valid: jax.Array
+  encoder: T5Encoded | None
+  encoder_hidden_states: tuple[jax.Array, ...] | None
+
+
+@flax.struct.dataclass
 class Blip2Output:
   """Model outputs, as HF returns them.
 
@@ -197,6 +215,26 @@ class Blip2Model(nn.Module):
       return start, jnp.ones_like(start, bool), self.encode(pixel_values, input_ids, attention_mask)
     return self.prompt_embeddings(pixel_values, input_ids), attention_mask.astype(bool), None
 
+  def sequence_inputs(self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+                      decoder_input_ids: jax.Array | None = None,
+                      decoder_attention_mask: jax.Array | None = None) -> 'SequenceInputs':
+    """What the LM decoder runs on for a whole (teacher-forced) sequence, for either family.
+
+    OPT: the prompt embeddings (image prefix in place) under the attention mask. T5: the decoder ids under
+    the decoder mask (default all valid), with the encoded image + prompt. Shapes as `__call__`'s arguments.
+    """
+    chex.assert_equal_shape([input_ids, attention_mask])
+    embeds = self.prompt_embeddings(pixel_values, input_ids)
+    if not self.config.is_encoder_decoder:
+      return SequenceInputs({'inputs_embeds': embeds}, attention_mask.astype(bool), None, None)
+    if decoder_input_ids is None:
+      raise ValueError('decoder_input_ids is required for a T5 (encoder-decoder) BLIP-2')
+    if decoder_attention_mask is None:
+      decoder_attention_mask = jnp.ones_like(decoder_input_ids)
+    chex.assert_equal_shape([decoder_input_ids, decoder_attention_mask])
+    encoder, hiddens = self.lm_stack().encode_with_hiddens(self.language_model, embeds, attention_mask)
+    return SequenceInputs({'input_ids': decoder_input_ids}, decoder_attention_mask.astype(bool), encoder, hiddens)
+
   def __call__(self, pixel_values: jax.Array, input_ids: jax.Array,
                attention_mask: jax.Array | None = None, decoder_input_ids: jax.Array | None = None,
                decoder_attention_mask: jax.Array | None = None) -> Blip2Output:
@@ -214,27 +252,13 @@ class Blip2Model(nn.Module):
     """
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    chex.assert_equal_shape([input_ids, attention_mask])
     stack, lm_params = self.lm_stack(), self.language_model
-    embeds = self.prompt_embeddings(pixel_values, input_ids)
-    encoder = encoder_hidden_states = None
-    if self.config.is_encoder_decoder:
-      if decoder_input_ids is None:
-        raise ValueError('decoder_input_ids is required for a T5 (encoder-decoder) BLIP-2')
-      last, hiddens = stack.encoder_forward(lm_params, embeds, attention_mask)
-      encoder = T5Encoded(last, attention_mask.astype(bool), *stack.cross_kv(lm_params['layers'], last))
-      encoder_hidden_states = tuple(hiddens)
-      if decoder_attention_mask is None:
-        decoder_attention_mask = jnp.ones_like(decoder_input_ids)
-      chex.assert_equal_shape([decoder_input_ids, decoder_attention_mask])
-      valid, step_inputs = decoder_attention_mask, {'input_ids': decoder_input_ids}
-    else:
-      valid, step_inputs = attention_mask, {'inputs_embeds': embeds}
-    batch, length = valid.shape
-    h, cache, ctx = lm_api.begin_step(stack, lm_params, stack.init_cache(batch, length),
-                                      valid.astype(bool), encoder=encoder, **step_inputs)
+    seq = self.sequence_inputs(pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+    batch, length = seq.valid.shape
+    h, cache, ctx = lm_api.begin_step(stack, lm_params, stack.init_cache(batch, length), seq.valid,
+                                      encoder=seq.encoder, **seq.step_inputs)
     out, hiddens, _ = stack.run_layers(lm_params, h, cache, ctx, 0, stack.num_layers)
     features = stack.final_features(lm_params, out)
     return Blip2Output(logits=stack.logits(lm_params, features),
                        lm_hidden_states=(h, *hiddens[:-1], features),
-                       encoder_hidden_states=encoder_hidden_states)
+                       encoder_hidden_states=seq.encoder_hidden_states)

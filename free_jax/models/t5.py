@@ -255,8 +255,13 @@ class T5Stack:
 
   def encode(self, lm_params: PyTree, inputs_embeds: jax.Array, attention_mask: jax.Array) -> T5Encoded:
     """`encoder_forward` plus the backbone's cross-attention K/V: the decoder's `encoder` input."""
-    last, _ = self.encoder_forward(lm_params, inputs_embeds, attention_mask)
-    return T5Encoded(last, attention_mask.astype(bool), *self.cross_kv(lm_params['layers'], last))
+    return self.encode_with_hiddens(lm_params, inputs_embeds, attention_mask)[0]
+
+  def encode_with_hiddens(self, lm_params: PyTree, inputs_embeds: jax.Array,
+                          attention_mask: jax.Array) -> tuple[T5Encoded, tuple[jax.Array, ...]]:
+    """`encode` and the encoder's hidden states (embeddings, then after each layer; HF order)."""
+    last, hiddens = self.encoder_forward(lm_params, inputs_embeds, attention_mask)
+    return T5Encoded(last, attention_mask.astype(bool), *self.cross_kv(lm_params['layers'], last)), tuple(hiddens)
 
   def make_context(self, lm_params: PyTree, cache: KVCache, positions: jax.Array,
                    encoder: T5Encoded | None = None) -> PyTree:
@@ -360,8 +365,7 @@ class T5Stack:
               decoder_inputs_embeds: jax.Array | None = None) -> T5Output:
     """Full forward (as HF ``T5ForConditionalGeneration(inputs_embeds=...)``): a decoder prefill into a
     fresh cache of length T. `decoder_mask` bool/int[B, T] defaults to all valid."""
-    last, enc_hiddens = self.encoder_forward(lm_params, encoder_embeds, encoder_mask)
-    encoded = T5Encoded(last, encoder_mask.astype(bool), *self.cross_kv(lm_params['layers'], last))
+    encoded, enc_hiddens = self.encode_with_hiddens(lm_params, encoder_embeds, encoder_mask)
     ids_or_embeds = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
     batch, length = ids_or_embeds.shape[:2]
     valid = jnp.ones((batch, length), bool) if decoder_mask is None else decoder_mask.astype(bool)
@@ -371,7 +375,7 @@ class T5Stack:
     features = self.final_features(lm_params, out)
     return T5Output(logits=self.logits(lm_params, features),
                     decoder_hidden_states=(h, *hiddens[:-1], features),
-                    encoder_last_hidden_state=last, encoder_hidden_states=tuple(enc_hiddens))
+                    encoder_last_hidden_state=encoded.hidden, encoder_hidden_states=enc_hiddens)
 
 
 def t5_params_from_hf(get: TensorSource, config: T5Config) -> PyTree:
