@@ -47,3 +47,14 @@ def test_evaluate_needs_a_trained_run(tmp_path):
   assert result.returncode != 0
   assert 'no training run in' in result.stderr.strip().splitlines()[-1]
   assert not list(tmp_path.iterdir())  # nothing created in a workdir that holds no run
+
+
+@pytest.mark.parametrize('script', ['benchmark.py', 'evaluate.py'])
+def test_exits_trained_after_other_layers_are_refused_in_one_line(script, smoke_run):
+  workdir, _ = smoke_run
+  before = sorted(p.name for p in (workdir / 'eval').iterdir())
+  result = _run(script, f'--workdir={workdir}', "--config.exits.layers=(1,3)")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: exits.layers=(1, 3), but the exits in {workdir} were trained after layers (1, 2)')
+  assert sorted(p.name for p in (workdir / 'eval').iterdir()) == before and not (workdir / 'bench').exists()
