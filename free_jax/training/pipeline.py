@@ -252,7 +252,7 @@ def _caption_format(fmt: batching.InputFormat, tokenizer, max_positions: int) ->
   return dataclasses.replace(fmt, prompt_length=prompt_length, target_length=target_length)
 
 
-def _backbone_batches(examples: dict, backbone: Backbone, config, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+def backbone_batches(examples: dict, backbone: Backbone, config, start_step: int) -> Iterator[dict[str, np.ndarray]]:
   """Stage-1 batches from `start_step` on: the task's rows, every `caption_every`-th step the same scenes'
   captions instead, plus the grounding labels if that loss is on. Step k's batch depends only on k."""
   c = config.backbone_train
@@ -287,10 +287,10 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   examples = load_examples(config, 'backbone', c.num_examples, fmt.image_size)
   run_dir = os.path.join(workdir, BACKBONE_DIR)
   with _backbone_checkpointer(config, workdir) as ckpt:
-    state = _train_loop(state, step_fn, ckpt, run_dir, mesh, total_steps=c.steps,
-                        batches=lambda start: _backbone_batches(examples, backbone, config, start),
-                        log_every=config.train.log_every, checkpoint_every=c.checkpoint_every,
-                        progress_keys=('loss', 'grounding', 'token_acc'), desc='backbone')
+    state = train_loop(state, step_fn, ckpt, run_dir, mesh, total_steps=c.steps,
+                       batches=lambda start: backbone_batches(examples, backbone, config, start),
+                       log_every=config.train.log_every, checkpoint_every=c.checkpoint_every,
+                       progress_keys=('loss', 'grounding', 'token_acc'), desc='backbone')
   backbone = dataclasses.replace(backbone, params=state.params)
   _export_backbone(config, workdir, backbone)
   return backbone
@@ -318,9 +318,9 @@ def _global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
   return distributed.make_global_batch(local, mesh)
 
 
-def _train_loop(state, step_fn: Callable, ckpt: checkpoint.Checkpointer, run_dir: str, mesh, *, total_steps: int,
-                batches: Callable[[int], Iterator[dict]], log_every: int, checkpoint_every: int,
-                progress_keys: Sequence[str], desc: str):
+def train_loop(state, step_fn: Callable, ckpt: checkpoint.Checkpointer, run_dir: str, mesh, *, total_steps: int,
+               batches: Callable[[int], Iterator[dict]], log_every: int, checkpoint_every: int,
+               progress_keys: Sequence[str], desc: str):
   """Resumes from the newest readable checkpoint, trains to `total_steps`, saves the final state.
 
   A NaN/inf metric raises FloatingPointError before anything of that step is saved, so the last
@@ -398,12 +398,12 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
     examples = exit_training_examples(config, workdir, backbone)
     params = sharding.place_backbone(backbone.params, mesh, config.train.backbone_sharding)
     adversarial = free_step.MODES[config.free.mode][0]
-    state = _train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
-                        total_steps=config.train.steps,
-                        batches=lambda start: train_batches(examples, backbone, config.data.task,
-                                                            config.train.batch_size, config.data.seed, start),
-                        log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
-                        progress_keys=('d_loss', 'g_loss') if adversarial else ('g_loss',), desc='exits')
+    state = train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
+                       total_steps=config.train.steps,
+                       batches=lambda start: train_batches(examples, backbone, config.data.task,
+                                                           config.train.batch_size, config.data.seed, start),
+                       log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
+                       progress_keys=('d_loss', 'g_loss') if adversarial else ('g_loss',), desc='exits')
   _save_exits(config, workdir, backbone, state.exits)
   return state
 

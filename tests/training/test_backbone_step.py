@@ -80,7 +80,7 @@ def test_backbone_batches_interleave_captions_and_resume_exactly():
   examples = pipeline.load_examples(config, 'train', 64, fmt.image_size)
   every = config.backbone_train.caption_every
   assert every == 2 and config.backbone_train.grounding_weight > 0
-  run = pipeline._backbone_batches(examples, backbone, config, 0)  # pylint: disable=protected-access
+  run = pipeline.backbone_batches(examples, backbone, config, 0)
   batches = [next(run) for _ in range(6)]
   for step, batch in enumerate(batches, 1):
     is_caption = step % every == 0
@@ -89,7 +89,7 @@ def test_backbone_batches_interleave_captions_and_resume_exactly():
     # Caption steps name the objects ("a red circle , ..."), task steps answer in one word + EOS.
     assert ('from' in words) == is_caption, (step, words)
     assert batch['slot_shape'].shape == (config.backbone_train.batch_size, 8)
-  resumed = pipeline._backbone_batches(examples, backbone, config, 3)  # pylint: disable=protected-access
+  resumed = pipeline.backbone_batches(examples, backbone, config, 3)
   for expected in batches[3:]:
     got = next(resumed)
     assert got.keys() == expected.keys()

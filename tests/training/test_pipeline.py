@@ -134,9 +134,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(finished, tmp_path
   params = parallel.replicate(backbone.params, mesh)
   with checkpoint.Checkpointer(tmp_path / 'ckpt', async_save=False) as ckpt:
     with pytest.raises(FloatingPointError, match='not finite .* at step 3; stopping'):
-      pipeline._train_loop(pipeline.init_free_state(config, backbone), lambda s, b: step_fn(s, params, b), ckpt,
-                           str(tmp_path), mesh, total_steps=10, batches=batches, log_every=1, checkpoint_every=1,
-                           progress_keys=('g_loss',), desc='nan')
+      pipeline.train_loop(pipeline.init_free_state(config, backbone), lambda s, b: step_fn(s, params, b), ckpt,
+                          str(tmp_path), mesh, total_steps=10, batches=batches, log_every=1, checkpoint_every=1,
+                          progress_keys=('g_loss',), desc='nan')
     assert ckpt.all_steps() == [1, 2] and not ckpt.is_finished()
     restored = ckpt.restore_latest(jax.tree.map(np.asarray, pipeline.init_free_state(config, backbone)))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.state.exits))
