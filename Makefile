@@ -26,7 +26,7 @@ train: setup
 	$(PY) experiments/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadscope tests  # one worker per core; a module stays on one worker (shared fixtures)
 
 # Every figure the README quotes, from fresh runs (reused when finished): docs/results.md, docs/figures/, README.
 report: setup

@@ -136,6 +136,9 @@ def ship(workdir: str, out_dir: str, command: str, overwrite: bool = False) -> d
                 config['backbone_train']['caption_every'])
     with open(os.path.join(staging, RECORD_FILE), 'w') as f:
       json.dump(record, f, indent=1, sort_keys=True)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the shipped files are for everyone to read
+    for name in os.listdir(staging):
+      os.chmod(os.path.join(staging, name), 0o644)
     if os.path.exists(out_dir):
       old = tempfile.mkdtemp(dir=parent, prefix='.replaced-')
       os.replace(out_dir, os.path.join(old, 'backbone'))

@@ -7,7 +7,7 @@ import pytest
 
 import free_jax
 from experiments.configs import vqa
-from free_jax import exits_io, shipped
+from free_jax import configs, exits_io, shipped
 from free_jax.training import pipeline
 
 
@@ -65,3 +65,13 @@ def test_a_changed_shipped_file_is_refused_before_any_work(shipped_dir, tmp_path
 def test_only_a_finished_embedded_run_can_be_shipped(tmp_path):
   with pytest.raises(ValueError, match='holds no exported backbone'):
     shipped.ship(str(tmp_path), str(tmp_path / 'out'), 'cmd')
+
+
+def test_the_shipped_backbone_is_intact_and_is_the_default():
+  record = shipped.verify(configs.SHIPPED_BACKBONE)
+  _, params = free_jax.load_pretrained(configs.SHIPPED_BACKBONE)
+  assert exits_io.fingerprint(params) == record['fingerprint']
+  config = vqa.get_config()
+  assert (config.model.source, config.model.pretrained_path) == ('pretrained', configs.SHIPPED_BACKBONE)
+  pipeline.validate_config(config)
+  assert vqa.get_config('smoke').model.source == 'embedded'  # :smoke trains a tiny one from scratch

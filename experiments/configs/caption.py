@@ -8,7 +8,7 @@ from free_jax import configs
 
 
 def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
-  c = configs.base_config()
+  c = configs.use_shipped_backbone(configs.base_config())
   c.data.task = 'caption'
   c.data.max_text_length = 40      # captions are a few clauses long
   c.eval.max_new_tokens = 32       # a whole caption
