@@ -18,12 +18,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 
 import ml_collections
 
-from free_jax import reproduce
+from free_jax import reproduce, shipped
 from free_jax.eval import evaluator
 from free_jax.training import pipeline
 
@@ -40,19 +39,6 @@ class Runs:
   vqa: ml_collections.ConfigDict
   caption: ml_collections.ConfigDict
   grid: reproduce.Grid
-
-
-def commit() -> str:
-  """The checkout's commit (with '+' if the tree has uncommitted changes to tracked files)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, check=True,
-                          cwd=root).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True, text=True,
-                           check=True, cwd=root).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-  return head + ('+' if dirty else '')
 
 
 def _per_type_table(summary: dict) -> list[str]:
@@ -123,7 +109,7 @@ def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | 
   for config in (runs.vqa, runs.caption):
     pipeline.validate_config(config)
   reproduce.validate(runs.vqa, runs.grid)
-  made_at = commit()
+  made_at = shipped.commit()
   summaries = {}
   for name, config in (('vqa', runs.vqa), ('caption', runs.caption)):
     log(f'[report] {name} run in {os.path.join(workdir, name)}')

@@ -63,13 +63,17 @@ def verify(directory: str) -> dict:
   return record
 
 
-def _commit() -> str:
+def commit() -> str:
+  """The checkout's commit (with '+' if the tree has uncommitted changes to tracked files), or 'unknown'."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    return out.stdout.strip()
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, check=True,
+                          cwd=root).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True, text=True,
+                           check=True, cwd=root).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
+  return head + ('+' if dirty else '')
 
 
 def plot_curves(records: list[dict], path: str, caption_every: int) -> str:
@@ -115,7 +119,7 @@ def ship(workdir: str, out_dir: str, command: str, overwrite: bool = False) -> d
   if config['model']['source'] != 'embedded':
     raise ValueError(f"{workdir} did not train its backbone (model.source={config['model']['source']!r})")
   _, params = weights.load_pretrained(source)
-  record = {'command': command, 'commit': _commit(), 'fingerprint': exits_io.fingerprint(params),
+  record = {'command': command, 'commit': commit(), 'fingerprint': exits_io.fingerprint(params),
             'model': config['model']['embedded'], 'backbone_train': config['backbone_train'],
             'data': {k: config['data'][k] for k in ('source', 'task', 'seed', 'max_text_length')},
             'seed': config['seed']}

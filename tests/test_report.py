@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from free_jax import report
+from free_jax import report, shipped
 from free_jax.training import pipeline
 from tests.conftest import ROOT
 
@@ -32,7 +32,7 @@ def test_report_regenerates_docs_readme_and_is_deterministic(smoke_run, smoke_st
           == (smoke_run[0] / pipeline.EVAL_FILE).read_bytes())
   text = readme.read_text()
   assert text.startswith('# title\n\nbefore\n') and text.endswith('after\n') and 'stale' not in text
-  assert f'at commit {report.commit()}' in text and '| default VQA (exact match) |' in text
+  assert f'at commit {shipped.commit()}' in text and '| default VQA (exact match) |' in text
   results = (tmp_path / 'docs' / report.RESULTS_FILE).read_text()
   for section in ('## Default VQA run', '## Caption run', '## Reproduction study', '| question type |'):
     assert section in results, section
