@@ -20,7 +20,7 @@ def main(argv):
   for kind, answer in zip(data['question_type'], data['answer']):
     counts[kind][answer] += 1
   print('| type | n | answer shares | max / uniform |\n|---|---|---|---|')
-  for kind in sort_of_clevr.QUESTION_TYPES:
+  for kind in sort_of_clevr.DEFAULT_QUESTION_TYPES:
     c, answers = counts[kind], sort_of_clevr.answers(kind)
     n = sum(c.values())
     shares = ', '.join(f'{a} {100 * c[a] / n:.1f}%' for a in answers)

@@ -4,14 +4,22 @@ In the spirit of Sort-of-CLEVR (Santoro et al., 2017): a plain canvas (`BACKGROU
 distinct colours and one of three shapes, placed on a jittered 4 x 4 lattice so they never overlap
 and never straddle the image's vertical or horizontal midline (left/right, top/bottom are unambiguous).
 
-Question types, in order of difficulty (single-word answers from a closed vocabulary):
+Question types, roughly in order of difficulty (single-word answers from a closed vocabulary):
 
-  non-relational  shape     "what shape is the red object?"                       square|circle|triangle
-                  position  "is the red object on the left or right?" / "... at the top or bottom?"
-                  presence  "is there a red circle?"                              yes|no
-  relational      count     "how many circles are there?"                         zero..five
-                  nearest_colour / nearest_shape    "what color is the object nearest to the red object?"
-                  farthest_colour / farthest_shape  "what shape is the object farthest from the red object?"
+  lookup      shape             "what shape is the red object?"                             square|circle|triangle
+              colour            "what color is the only circle?"                            red..gray
+              presence          "is there a red circle?"                                    yes|no
+  relational  count             "how many circles are there?"                               zero..five
+              same_shape        "do the red and blue objects have the same shape?"          yes|no
+              same_shape_count  "how many other objects have the same shape as the red object?"  zero..five
+  spatial     position          "is the red object on the left or right?" / "... at the top or bottom?"
+              nearest_colour / nearest_shape    "what color is the object nearest to the red object?"
+              farthest_colour / farthest_shape  "what shape is the object farthest from the red object?"
+
+The benchmark asks `DEFAULT_QUESTION_TYPES` (lookup and relational): an easy-to-hard ladder the embedded
+backbone learns (docs/backbone.md). The spatial types stay available through `question_types` as a harder
+benchmark: on the embedded backbone (16k steps) position stayed at chance and the neighbour relations barely
+above it (docs/backbone.md), so they were taken out of the default rather than kept at chance.
 
 Answers are balanced by construction: each example draws its type and a target answer uniformly,
 then edits the scene so the answer holds (sets the shape of the asked object, swaps two colours,
@@ -46,10 +54,9 @@ NUMBERS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight
 MAX_COUNT = 5  # largest answer of "how many ...?"; higher counts make near-uniform scenes.
 GRID = 4  # objects sit on a GRID x GRID lattice of cells, one object per cell.
 
-QUESTION_TYPES = ('shape', 'position', 'presence', 'count', 'nearest_colour', 'nearest_shape',
-                  'farthest_colour', 'farthest_shape')
-RELATIONAL = frozenset({'count', 'nearest_colour', 'nearest_shape', 'farthest_colour',
-                        'farthest_shape'})
+DEFAULT_QUESTION_TYPES = ('shape', 'colour', 'presence', 'count', 'same_shape', 'same_shape_count')
+SPATIAL_QUESTION_TYPES = ('position', 'nearest_colour', 'nearest_shape', 'farthest_colour', 'farthest_shape')
+QUESTION_TYPES = DEFAULT_QUESTION_TYPES + SPATIAL_QUESTION_TYPES  # every type the generator can ask
 POSITIONS = ('left', 'right', 'top', 'bottom')
 SPLITS = {'train': 0, 'val': 1, 'test': 2, 'backbone': 3}
 TASKS = ('vqa', 'caption')
@@ -61,20 +68,28 @@ def answers(question_type: str, num_objects: int = 6) -> tuple[str, ...]:
   """The closed answer set of a question type (all answers occur with equal probability)."""
   if question_type in ('shape', 'nearest_shape', 'farthest_shape'):
     return SHAPES
-  if question_type in ('nearest_colour', 'farthest_colour'):
+  if question_type in ('colour', 'nearest_colour', 'farthest_colour'):
     return COLOURS
   if question_type == 'position':
     return POSITIONS
-  if question_type == 'presence':
+  if question_type in ('presence', 'same_shape'):
     return ('yes', 'no')
   if question_type == 'count':
     return NUMBERS[:min(num_objects, MAX_COUNT) + 1]
+  if question_type == 'same_shape_count':  # the asked object is not counted
+    return NUMBERS[:min(num_objects - 1, MAX_COUNT) + 1]
   raise ValueError(f'unknown question_type {question_type!r}; expected one of {QUESTION_TYPES}')
 
 
-def _question(qtype: str, colour: str, shape: int, target: str) -> str:
+def _question(qtype: str, colour: str, shape: int, target: str, partner: str = 'blue') -> str:
   if qtype == 'shape':
     return f'what shape is the {colour} object?'
+  if qtype == 'colour':
+    return f'what color is the only {SHAPES[shape]}?'
+  if qtype == 'same_shape':
+    return f'do the {colour} and {partner} objects have the same shape?'
+  if qtype == 'same_shape_count':
+    return f'how many other objects have the same shape as the {colour} object?'
   if qtype == 'position':
     if target in ('left', 'right'):
       return f'is the {colour} object on the left or right?'
@@ -164,7 +179,7 @@ def _draw_questions(rng, x, y, colour, shape, types, image_size):
   sizes = np.array([len(answers(t, k)) for t in types])
   target = rng.integers(0, sizes[qtype])
   subject_score = rng.random((n, k))
-  relation = np.array([t.split('_')[0] if t in RELATIONAL else '' for t in types])[qtype]
+  relation = np.array([t.split('_')[0] if t.startswith(('nearest', 'farthest')) else '' for t in types])[qtype]
 
   # Relational questions need an unambiguous nearest/farthest object: redraw scenes until one exists.
   while True:
@@ -187,11 +202,26 @@ def _draw_questions(rng, x, y, colour, shape, types, image_size):
   sel = is_type('shape', 'nearest_shape', 'farthest_shape')
   shape[rows[sel], asked[sel]] = target[sel]
   # Colour answers: the asked object swaps colours with whichever object has the target colour.
-  for i in np.flatnonzero(is_type('nearest_colour', 'farthest_colour')):
+  for i in np.flatnonzero(is_type('colour', 'nearest_colour', 'farthest_colour')):
     holder = np.flatnonzero(colour[i] == target[i])
     if holder.size:
       colour[i, holder[0]] = colour[i, asked[i]]
     colour[i, asked[i]] = target[i]
+  # Shapes that differ from the subject's, one of the two others at random per object.
+  other_shape = (shape[rows, subject][:, None] + 1 + rng.integers(0, 2, (n, k))) % len(SHAPES)
+  is_subject = np.arange(k)[None, :] == subject[:, None]
+  # "the only circle": every other object gets another shape.
+  sel = is_type('colour')
+  shape[sel] = np.where(is_subject, shape, other_shape)[sel]
+  # Same shape or not: a random partner object gets the subject's shape ("yes") or another one ("no").
+  partner = (subject + 1 + rng.integers(0, k - 1, n)) % k
+  sel = is_type('same_shape')
+  shape[rows[sel], partner[sel]] = np.where(target == 0, shape[rows, subject], other_shape[rows, partner])[sel]
+  # "how many other objects have its shape": exactly `target` of the others share the subject's shape.
+  sel = is_type('same_shape_count')
+  others_rank = np.argsort(np.argsort(np.where(is_subject, 2.0, rng.random((n, k))), axis=1), axis=1)
+  shape[sel] = np.where(is_subject | (others_rank < target[:, None]), shape[rows, subject][:, None],
+                        other_shape)[sel]
   # Position answers: mirror the scene when the subject is on the other side (the lattice is symmetric).
   pos = is_type('position')
   horizontal = target < 2
@@ -219,7 +249,7 @@ def _draw_questions(rng, x, y, colour, shape, types, image_size):
       c, s = 0, counted[i]
     else:
       c, s = colour[i, subject[i]], shape[i, subject[i]]
-    questions.append(_question(t, COLOURS[c], s, answer))
+    questions.append(_question(t, COLOURS[c], s, answer, COLOURS[colour[i, partner[i]]]))
     answer_texts.append(answer)
   return questions, answer_texts, names
 
@@ -259,7 +289,7 @@ def _generate_block(rng, n, task, image_size, num_objects, types):
 
 def generate(num_examples: int, seed: int | np.random.SeedSequence, task: str = 'vqa',
              image_size: int = 64, num_objects: int = 6,
-             question_types: tuple[str, ...] = QUESTION_TYPES) -> dict:
+             question_types: tuple[str, ...] = DEFAULT_QUESTION_TYPES) -> dict:
   """Draws `num_examples` scenes with questions (task='vqa') or captions only (task='caption').
 
   Returns a dict of columns:

@@ -55,8 +55,9 @@ CHECKPOINT_DIR = 'checkpoints'
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Part of the backbone cache key: bump it when code changes what stage 1 trains for the same config
 # (2: sin-cos ViT position init, the grounding loss and caption steps; 3: relational questions unambiguous on the
-# lattice, its own 'backbone' data split), so a stale cached backbone is never reused.
-BACKBONE_VERSION = 3
+# lattice, its own 'backbone' data split; 4: the lookup/relational default question set), so a stale cached
+# backbone is never reused.
+BACKBONE_VERSION = 4
 
 
 # ---------------------------------------------------------------------------------------------------
