@@ -107,6 +107,11 @@ class _Call:
   prompt_length: int
 
 
+def _signature(tree) -> tuple:
+  """Structure, shapes and dtypes of a pytree: what an executable is compiled for."""
+  return (jax.tree.structure(tree), tuple((tuple(np.shape(x)), np.dtype(x.dtype)) for x in jax.tree.leaves(tree)))
+
+
 def layer_cost(step_depth, exit_layers: tuple[int, ...], num_layers: int) -> np.ndarray:
   """Layers executed per step, exit layers included: float[...] from int step_depth[...] (>= 0).
 
@@ -158,6 +163,8 @@ class EarlyExitDecoder:
   _compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
   _counters: dict = dataclasses.field(default_factory=lambda: {'traces': 0}, compare=False,
                                       repr=False)
+  # (params objects, their `_signature`) by the objects' ids: `_executable`'s lookup.
+  _signatures: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def __post_init__(self):
     if self.exit_layers:
@@ -455,7 +462,10 @@ class EarlyExitDecoder:
     each call copies every layer's weights, the ones an early exit skips included.
     """
     lm_params = lm_api.unstack_layers(lm_params)
-    return lm_params, exits_lib.unstack_exits(exit_params) if self.num_exits else exit_params
+    exit_params = exits_lib.unstack_exits(exit_params) if self.num_exits else exit_params
+    # On the device once: host (numpy) leaves, e.g. exits read from safetensors, would be copied to the
+    # device at every call (on CPU ~10 us per leaf, more than a decode step of a small LM).
+    return jax.device_put((lm_params, exit_params))
 
   def compile(self, lm_params: PyTree, exit_params: PyTree, prompt: jax.Array,
               prompt_valid: jax.Array, encoder: Any = None, with_cache: bool = False) -> tuple[Any, float]:
@@ -471,12 +481,24 @@ class EarlyExitDecoder:
       with_cache: the executable also returns the backbone's final KV cache (`decode_with_cache`).
     """
     self.check_inputs(exit_params, prompt_valid, prompt=prompt)
-    args = (lm_params, exit_params, jax.ShapeDtypeStruct((self.num_exits,), jnp.float32),
-            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((self.max_new_tokens,), jnp.int32),
-            prompt, prompt_valid, encoder)
-    key = (jax.tree.structure(args), with_cache,
-           tuple((tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(args)))
+    return self._executable(lm_params, exit_params, prompt, prompt_valid, encoder, with_cache)
+
+  def _executable(self, lm_params, exit_params, prompt, prompt_valid, encoder, with_cache):
+    # The params' part of the key is computed once per params object: walking ~200 leaves at every call
+    # costs more than a decode step of a small LM. The signature cache holds the objects it describes, so
+    # an id is never reused for another tree while its entry exists.
+    signatures = self._signatures
+    params_key = (id(lm_params), id(exit_params))
+    entry = signatures.get(params_key)
+    if entry is None or entry[0] is not lm_params or entry[1] is not exit_params:
+      if len(signatures) >= 8:
+        signatures.clear()
+      entry = signatures[params_key] = (lm_params, exit_params, _signature((lm_params, exit_params)))
+    key = (entry[2], _signature((prompt, prompt_valid, encoder)), with_cache)
     if key not in self._compiled:
+      args = (lm_params, exit_params, jax.ShapeDtypeStruct((self.num_exits,), jnp.float32),
+              jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((self.max_new_tokens,), jnp.int32),
+              prompt, prompt_valid, encoder)
       start = time.perf_counter()
       compiled = jax.jit(functools.partial(self._decode, with_cache=with_cache)).lower(*args).compile()
       self._compiled[key] = (compiled, time.perf_counter() - start)
@@ -517,6 +539,6 @@ class EarlyExitDecoder:
         raise ValueError(f'depth_schedule must be int[{self.max_new_tokens}] in [-1, {self.num_exits}], got '
                          f'shape {given.shape}, values {given.min()}..{given.max()}')
       schedule = given.astype(np.int32)
-    compiled, _ = self.compile(lm_params, exit_params, prompt, prompt_valid, encoder, with_cache)
+    compiled, _ = self._executable(lm_params, exit_params, prompt, prompt_valid, encoder, with_cache)
     return compiled(lm_params, exit_params, thresholds, np.int32(patience), schedule, prompt, prompt_valid,
                     encoder)

@@ -121,8 +121,10 @@ def test_prepared_params_decode_the_same_without_copying_the_weights(family):
   that mixes depths, so propagation runs), and the compiled program holds no copy of the layer weights:
   from stacked params XLA hoists a copy of every layer's slice out of the decode loop."""
   stack, lm_params, exit_params, prompt, valid, encoder, decoder = _setup(family)
-  prepared = decoder.prepare(lm_params, exit_params)
+  # Host (numpy) exits, as read from safetensors: prepared once onto the device, not copied at every call.
+  prepared = decoder.prepare(lm_params, jax.tree.map(np.asarray, exit_params))
   assert isinstance(prepared[0]['layers'], tuple) and isinstance(prepared[1], tuple)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(prepared))
   probe = decoder(lm_params, exit_params, prompt, valid, 0.0, encoder=encoder)
   exit_logits, _ = _on_generated(stack, lm_params, exit_params, prompt, valid, encoder, np.asarray(probe.tokens))
   thresholds = [float(np.median(confidence.max_prob(exit_logits[0]))), confidence.NEVER_EXIT]
@@ -198,6 +200,13 @@ def test_threshold_sweep_never_retraces():
   traces = decoder.traces
   decoder(lm_params, exit_params, prompt[:1], valid[:1], 0.5)  # a new batch shape compiles once more
   assert decoder.traces == traces + 1
+  # Params are matched by shape, not identity: an equal-shaped copy reuses the program, other shapes compile.
+  decoder(jax.tree.map(jnp.array, lm_params), jax.tree.map(jnp.array, exit_params), prompt, valid, 0.5)
+  assert decoder.traces == traces + 1
+  table = lm_params['embed_tokens']['embedding']
+  more_words = {**lm_params, 'embed_tokens': {'embedding': jnp.concatenate([table, table[:4]])}}
+  decoder(more_words, exit_params, prompt, valid, 0.5)
+  assert decoder.traces == traces + 2
 
 
 def _copies_inside_loops(hlo: str) -> list[int]:
