@@ -52,6 +52,15 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
                                'good checkpoint is kept')
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+  text = ' '.join(str(error).split('\n')[0].split())
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+class UnreadableCheckpointError(ValueError):
+  """Checkpoints exist but none can be read: damaged data, reported in one line (a user error, `free_jax.cli`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """A restored checkpoint: its step, the train state and the JSON metadata."""
@@ -127,7 +136,7 @@ class Checkpointer:
 
     Raises:
       ValueError: the newest readable checkpoint was written with a different config hash.
-      RuntimeError: checkpoints exist but none can be read (nothing is moved or deleted then).
+      UnreadableCheckpointError: checkpoints exist but none can be read (nothing is moved or deleted then).
     """
     self.wait()
     failures = []
@@ -139,7 +148,7 @@ class Checkpointer:
         # Any read error (truncated file, bad JSON, missing array) means this step is unusable.
         logging.warning('checkpoint step %d in %s is unreadable (%s: %s); falling back to the previous one',
                         step, self.directory, type(e).__name__, e)
-        failures.append(step)
+        failures.append((step, f'{type(e).__name__}: {_first_line(e)}'))
         continue
       meta = dict(restored.meta)
       stored_hash = meta.get('config_hash')
@@ -147,11 +156,13 @@ class Checkpointer:
         raise ValueError(f'checkpoint step {step} in {self.directory} was written with config hash '
                          f'{stored_hash}, this config hashes to {self.config_hash}; use a new workdir for a '
                          'different config')
-      self._quarantine(failures)
+      self._quarantine([step for step, _ in failures])
       return Restored(step=step, state=restored.state, meta=meta)
     if failures:
-      raise RuntimeError(f'no readable checkpoint in {self.directory} (steps {sorted(failures)} all failed; '
-                         'see warnings); refusing to start over on top of them')
+      causes = '; '.join(f'step {step}: {cause}' for step, cause in sorted(failures))
+      raise UnreadableCheckpointError(
+          f'no readable checkpoint in {self.directory} ({causes}); refusing to start over on top of them: '
+          'move the directory aside to train this stage again')
     return None
 
   def _quarantine(self, steps: list[int]) -> None:

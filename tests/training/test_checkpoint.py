@@ -70,7 +70,7 @@ def test_all_checkpoints_unreadable_is_an_error_and_moves_nothing(tmp_path):
   _corrupt(tmp_path, 1)
   _corrupt(tmp_path, 2)
   with checkpoint.Checkpointer(tmp_path) as ckpt:
-    with pytest.raises(RuntimeError, match=r'no readable checkpoint .*steps \[1, 2\]'):
+    with pytest.raises(checkpoint.UnreadableCheckpointError, match=r'no readable checkpoint .*step 1: .*step 2: '):
       ckpt.restore_latest(_state(0))
     assert ckpt.all_steps() == [1, 2]
 

@@ -101,6 +101,23 @@ def test_a_damaged_final_checkpoint_is_never_passed_off_as_the_finished_run(fini
       (finished[0] / pipeline.EVAL_FILE).read_text())  # same exits, same settings: reused as is
 
 
+def test_a_damaged_backbone_checkpoint_is_one_line_naming_it_and_nothing_is_lost(finished, tmp_path):
+  """The backbone stage keeps one checkpoint: truncated, the run stops at once with one line naming the directory
+  and the read error, and leaves the damaged files where they are."""
+  workdir = tmp_path / 'damaged_backbone'
+  shutil.copytree(finished[0], workdir)
+  directory = workdir / pipeline.BACKBONE_DIR / pipeline.CHECKPOINT_DIR
+  data = max((f for f in directory.rglob('*') if f.is_file() and f.parent.name == 'd'), key=lambda f: f.stat().st_size)
+  data.write_bytes(data.read_bytes()[:100])
+  before = _snapshot(workdir)
+  out, _ = _cli(workdir)
+  assert out.returncode == 1
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: no readable checkpoint in {directory} (step ') and 'move the directory aside' in last
+  assert 'Traceback' not in out.stderr
+  assert _snapshot(workdir) == before
+
+
 def test_eval_overrides_on_a_finished_workdir_evaluate_again_and_keep_the_training(finished, tmp_path):
   workdir = tmp_path / 'override'
   shutil.copytree(finished[0], workdir)
