@@ -199,9 +199,7 @@ def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> Backbone |
     model, params = free_jax.load_pretrained(config.model.pretrained_path, dtype)
     tokenizer = _tokenizer(config)
     return Backbone(model, params, tokenizer, make_input_format(config, model_config, tokenizer))
-  tokenizer = _tokenizer(config)
-  model = blip2.Blip2Model(model_config, dtype)
-  fmt = make_input_format(config, model_config, tokenizer)
+  model, tokenizer, fmt = _embedded_parts(config)
   with _backbone_checkpointer(config, workdir) as ckpt:
     if not ckpt.is_finished():
       return None
@@ -215,6 +213,20 @@ def load_backbone(config: ml_collections.ConfigDict, workdir: str) -> Backbone |
 def _backbone_checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
   return checkpoint.Checkpointer(os.path.join(workdir, BACKBONE_DIR, CHECKPOINT_DIR), max_to_keep=1,
                                  config_hash=_backbone_hash(config))
+
+
+def _embedded_parts(config) -> tuple[blip2.Blip2Model, Any, batching.InputFormat]:
+  """The embedded backbone's model, tokenizer and input format (no params)."""
+  model_config = validate_config(config)
+  tokenizer = _tokenizer(config)
+  return (blip2.Blip2Model(model_config, _DTYPES[config.model.dtype]), tokenizer,
+          make_input_format(config, model_config, tokenizer))
+
+
+def untrained_backbone(config: ml_collections.ConfigDict) -> Backbone:
+  """The embedded backbone as stage 1 starts it: random params (seed ``config.seed``), tokenizer, input format."""
+  model, tokenizer, fmt = _embedded_parts(config)
+  return Backbone(model, init_backbone_params(model, fmt, jax.random.key(config.seed)), tokenizer, fmt)
 
 
 def init_backbone_params(model: blip2.Blip2Model, fmt: batching.InputFormat, rng: jax.Array) -> PyTree:
@@ -276,10 +288,7 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   if backbone is not None:
     _export_backbone(config, workdir, backbone)
     return backbone
-  model_config = validate_config(config)
-  tokenizer = _tokenizer(config)
-  model = blip2.Blip2Model(model_config, _DTYPES[config.model.dtype])
-  fmt = make_input_format(config, model_config, tokenizer)
+  model, tokenizer, fmt = _embedded_parts(config)
   c = config.backbone_train
   tx = _backbone_tx(config)
   state = _initial_backbone_state(config, model, fmt, tx)

@@ -5,15 +5,12 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 
 from experiments.configs import vqa
 from free_jax import exits as exits_lib
-from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.eval import evaluator
 from free_jax.inference import confidence
-from free_jax.models import blip2
 from free_jax.training import pipeline
 
 KEYS = ('quality_metric', 'quality_full', 'quality_early_exit', 'threshold', 'num_layers', 'mean_exit_layer',
@@ -33,15 +30,10 @@ def _config(**eval_overrides):
 @functools.cache
 def _run():
   config = _config()
-  tokenizer = tokenizer_lib.embedded_tokenizer('opt')
-  model_config = pipeline.embedded_model_config(config.model.embedded, tokenizer)
-  model = blip2.Blip2Model(model_config)
-  fmt = pipeline.make_input_format(config, model_config, tokenizer)
-  pixels = np.zeros((1, fmt.image_size, fmt.image_size, 3), np.float32)
-  params = model.init(jax.random.PRNGKey(0), pixels, np.zeros((1, fmt.num_query_tokens + 2), np.int32))['params']
-  exit_params = exits_lib.init_exit_params(model.lm_stack(), params['language_model'], config.exits.layers,
-                                           init='random', rng=jax.random.PRNGKey(1))
-  return pipeline.Backbone(model, params, tokenizer, fmt), exit_params
+  backbone = pipeline.untrained_backbone(config)
+  exit_params = exits_lib.init_exit_params(backbone.model.lm_stack(), backbone.params['language_model'],
+                                           config.exits.layers, init='random', rng=jax.random.PRNGKey(1))
+  return backbone, exit_params
 
 
 def test_always_exit_summary(tmp_path):

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import vqa
-from free_jax.data import batching, tokenizer as tokenizer_lib
-from free_jax.models import blip2
+from free_jax.data import batching
 from free_jax.training import free_step, parallel, pipeline
 
 
@@ -16,12 +15,8 @@ def _setup(g_learning_rate=3e-4, **free):
     config.free.update(free)
     config.train.warmup_steps = 0  # a warmup starts at learning rate 0: one step would change nothing
     config.train.g_learning_rate = g_learning_rate
-  model_config = pipeline.validate_config(config)
-  tok = tokenizer_lib.embedded_tokenizer('opt')
-  model = blip2.Blip2Model(model_config)
-  fmt = pipeline.make_input_format(config, model_config, tok)
-  params = pipeline.init_backbone_params(model, fmt, jax.random.key(0))
-  backbone = pipeline.Backbone(model, params, tok, fmt)
+  backbone = pipeline.untrained_backbone(config)
+  model, tok, fmt = backbone.model, backbone.tokenizer, backbone.fmt
   examples = pipeline.load_examples(config, 'train', 8, fmt.image_size)
   examples['labelled'] = np.arange(8) < 4
   batch = batching.train_batch(examples, tok, fmt, 'vqa')

@@ -11,7 +11,6 @@ from experiments.configs import vqa
 from free_jax import teacher_forcing
 from free_jax.data import batching, sources
 from free_jax.data import tokenizer as tokenizer_lib
-from free_jax.models import blip2
 from free_jax.training import free_step, hidden_labels, parallel, pipeline
 
 
@@ -21,11 +20,8 @@ def run():
   with config.unlocked():
     config.data.num_train, config.data.label_fraction = 16, 0.25
     config.train.warmup_steps = 0
-  model_config = pipeline.validate_config(config)
-  tok = tokenizer_lib.embedded_tokenizer('opt')
-  model = blip2.Blip2Model(model_config)
-  fmt = pipeline.make_input_format(config, model_config, tok)
-  backbone = pipeline.Backbone(model, pipeline.init_backbone_params(model, fmt, jax.random.key(0)), tok, fmt)
+  backbone = pipeline.untrained_backbone(config)
+  model = backbone.model
   disc = free_step.make_discriminators(len(config.exits.layers), config.discriminator)
   step = free_step.make_free_step(model, config.exits.layers, config.free, disc, *pipeline.gan_optimizers(config),
                                   parallel.make_mesh(1))

@@ -11,19 +11,15 @@ import sys
 _SCRIPT = r'''
 import jax, numpy as np
 from experiments.configs import vqa
-from free_jax.data import batching, tokenizer as tokenizer_lib
-from free_jax.models import blip2
+from free_jax.data import batching
 from free_jax.training import free_step, parallel, pipeline
 
 assert jax.device_count() == 8, jax.devices()
 config = vqa.get_config('smoke')
 with config.unlocked():
   config.train.warmup_steps = 0
-model_config = pipeline.validate_config(config)
-tok = tokenizer_lib.embedded_tokenizer('opt')
-model = blip2.Blip2Model(model_config)
-fmt = pipeline.make_input_format(config, model_config, tok)
-backbone = pipeline.Backbone(model, pipeline.init_backbone_params(model, fmt, jax.random.key(0)), tok, fmt)
+backbone = pipeline.untrained_backbone(config)
+model, tok, fmt = backbone.model, backbone.tokenizer, backbone.fmt
 examples = pipeline.load_examples(config, 'train', 16, fmt.image_size)
 examples['labelled'] = np.arange(16) % 3 == 0  # devices hold different numbers of labelled tokens
 batch = batching.train_batch(examples, tok, fmt, 'vqa')
