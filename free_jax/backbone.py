@@ -7,12 +7,14 @@ Shared by training, evaluation and the user-facing `free_jax.EarlyExitVLM`; impo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
 
 import ml_collections
 
+from free_jax import exits_io
 from free_jax.data import batching, preprocess, sort_of_clevr, sources
 from free_jax.models import blip2
 
@@ -45,6 +47,11 @@ class Backbone:
   @property
   def num_layers(self) -> int:
     return blip2.lm_stack(self.model.config).num_layers
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """`exits_io.fingerprint` of the params, what exits are tied to (once per object: it reads every weight)."""
+    return exits_io.fingerprint(self.params)
 
 
 _REAL_LENGTHS = {}  # probe key -> (prompt_length, target_length): every stage re-validates the config

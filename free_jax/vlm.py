@@ -135,7 +135,7 @@ class EarlyExitVLM:
       exit_params, meta = None, exits_io.ExitsMeta((), num_layers, family, '')
     else:
       exit_params, meta = exits_io.load_exits(exits)
-      exits_io.check_backbone(meta, num_layers, family, exits_io.fingerprint(params), str(exits))
+      exits_io.check_backbone(meta, num_layers, family, backbone.fingerprint, str(exits))
     return cls(backbone, exit_params, meta, **{**meta.decoding, **settings})
 
   @classmethod
@@ -174,7 +174,7 @@ class EarlyExitVLM:
     calibrated threshold and speculative setting."""
     if self._exit_params is None:
       raise ValueError('this EarlyExitVLM has no exits to save (loaded without exits=)')
-    meta = dataclasses.replace(self.meta, backbone_fingerprint=exits_io.fingerprint(self.backbone.params),
+    meta = dataclasses.replace(self.meta, backbone_fingerprint=self.backbone.fingerprint,
                                decoding={'max_new_tokens': self.max_new_tokens, 'prefill': self.prefill,
                                          'propagation': self.propagation})
     return exits_io.save_exits(directory, self._exit_params, meta, overwrite=overwrite)

@@ -16,7 +16,6 @@ import os
 import jax
 import numpy as np
 
-from free_jax import exits_io
 from free_jax.backbone import Backbone
 from free_jax.data import batching
 from free_jax.data import tokenizer as tokenizer_lib
@@ -97,7 +96,7 @@ def exit_stage_examples(workdir: str, backbone: Backbone, examples: dict, labell
   """
   path = os.path.join(workdir, TARGETS_FILE)
   hidden = np.flatnonzero(~np.asarray(labelled, bool))
-  key = json.dumps(dict(made_from, backbone=exits_io.fingerprint(backbone.params),
+  key = json.dumps(dict(made_from, backbone=backbone.fingerprint,
                         target_length=backbone.fmt.target_length), sort_keys=True)
   targets = None
   if os.path.exists(path):

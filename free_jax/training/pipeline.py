@@ -438,7 +438,7 @@ def _save_exits(config, workdir: str, backbone: Backbone, exit_params: PyTree) -
     return
   meta = exits_io.ExitsMeta(
       exit_layers=tuple(config.exits.layers), num_layers=backbone.num_layers, family=backbone.fmt.family,
-      backbone_fingerprint=exits_io.fingerprint(backbone.params), confidence=config.eval.confidence,
+      backbone_fingerprint=backbone.fingerprint, confidence=config.eval.confidence,
       training={k: _to_dict(v) for k, v in config.items() if k != 'eval'}, digest=digest)
   exits_io.save_exits(directory, jax.device_get(exit_params), meta, overwrite=True)
 
