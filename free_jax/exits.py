@@ -10,7 +10,12 @@ by one between the two).
 Exit parameters
 ---------------
 ``exit_params = {'layers': <one stacked LM layer per exit: every leaf [E, 1, ...]>,
-                 'head': {'kernel': float[E, F, V]}}``  ('head' only with a separate classifier)
+                 'head': {'kernel': float[E, F, V]},   ('head' only with a separate classifier)
+                 'placement': Placement(layers)}``     (a static node: no arrays)
+
+* Placement: the layers the exits read, inside the tree as a static pytree node (`Placement`). It has no
+  leaves, so optimizers, jit, checkpoints and safetensors never see it, but it travels with the params, so the
+  decoder refuses exits made for other layers (`placement`). Trees built without it are accepted unchecked.
 
 * Exit transformer: one layer of the backbone's own type, run with ``stack.apply_layers`` (n = 1) on a
   fresh one-layer KV cache — causal self-attention (and, for T5, cross-attention to the encoder with
@@ -26,6 +31,7 @@ Every function here is pure; the frozen backbone params are an argument, never a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +43,28 @@ from free_jax.models import lm_api
 
 PyTree = Any
 EXIT_INITS = ('next_layer', 'random')
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """The LM layers a tree of exit params reads (`exits.layers`): a static pytree node (module docstring)."""
+
+  layers: tuple[int, ...]
+
+
+def placement(exit_params: PyTree) -> tuple[int, ...] | None:
+  """The layers `exit_params` (stacked, or the tuple of `unstack_exits`) were made for; None if not recorded."""
+  if isinstance(exit_params, tuple):
+    found = [placement(one) for one in exit_params]
+    return None if not found or None in found else tuple(layer for one in found for layer in one)
+  recorded = exit_params.get('placement') if isinstance(exit_params, dict) else None
+  return recorded.layers if isinstance(recorded, Placement) else None
+
+
+def with_placement(exit_params: PyTree, layers: Sequence[int]) -> PyTree:
+  """`exit_params` (stacked) recording that they are the exits after `layers`."""
+  return {**exit_params, 'placement': Placement(tuple(int(l) for l in layers))}
 
 
 def validate_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -85,7 +113,7 @@ def init_exit_params(stack: lm_api.DecoderStack, lm_params: PyTree, layers: Sequ
         p, jnp.zeros((1, 1, stack.hidden_size), jnp.float32)), lm_params)
     vocab = jax.eval_shape(lambda p, f: stack.logits(p, f), lm_params, features).shape[-1]
     params['head'] = {'kernel': jnp.zeros((len(layers), features.shape[-1], vocab), jnp.float32)}
-  return params
+  return with_placement(params, layers)
 
 
 def num_exits(exit_params: PyTree) -> int:
@@ -99,7 +127,9 @@ def exit_slice(exit_params: PyTree, e: int) -> PyTree:
   """The params of exit e alone (leading exit axis removed; the layer keeps its axis of 1)."""
   if isinstance(exit_params, tuple):
     return exit_params[e]
-  return jax.tree.map(lambda x: x[e], exit_params)
+  one = jax.tree.map(lambda x: x[e], exit_params)
+  layers = placement(exit_params)
+  return one if layers is None else with_placement(one, layers[e:e + 1])
 
 
 def unstack_exits(exit_params: PyTree) -> tuple:

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+from free_jax import exits as exits_lib
 from free_jax.models.hf_tensors import read_json
 
 PyTree = Any
@@ -105,6 +106,8 @@ def saved_digest(directory) -> str | None:
 
 
 def _flatten(tree: PyTree, prefix: str = '') -> dict[str, np.ndarray]:
+  if isinstance(tree, exits_lib.Placement):  # recorded in exits.json (exit_layers)
+    return {}
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():
@@ -170,7 +173,7 @@ def load_exits(directory) -> tuple[PyTree, ExitsMeta]:
                        f'{len(meta.exit_layers)} exits ({META_FILE}: exit_layers={list(meta.exit_layers)})')
     if not np.all(np.isfinite(value)):
       raise ValueError(f'{tensors_file}: {name} holds NaN or inf')
-  return params, meta
+  return exits_lib.with_placement(params, meta.exit_layers), meta
 
 
 def check_backbone(meta: ExitsMeta, num_layers: int, family: str, backbone_fingerprint: str, where: str) -> None:

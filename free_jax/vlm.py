@@ -2,7 +2,7 @@
 
     vlm = free_jax.EarlyExitVLM.load('workdir/vqa')                       # a finished training run
     vlm = free_jax.EarlyExitVLM.from_pretrained(hf_blip2_dir, exits=exits_dir)
-    out = vlm.generate(images, ['What colour is the square?'])            # early exit, calibrated threshold
+    out = vlm.generate(images, ['what color is the only square?'])        # early exit, calibrated threshold
     out.texts, out.tokens, out.exit_layers, out.seconds
     vlm.generate(images, questions, mode='speculative')                   # identical to full greedy
     vlm.generate(images)                                                  # captions

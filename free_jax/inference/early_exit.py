@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from free_jax import exits as exits_lib
+from free_jax import exits_io
 from free_jax.inference import confidence as conf_lib
 from free_jax.inference import propagation
 from free_jax.inference import speculative
@@ -213,6 +214,10 @@ class EarlyExitDecoder:
     if held != self.num_exits:
       raise ValueError(f'exit_params hold {held} exits but exit_layers={self.exit_layers} has '
                        f'{self.num_exits}')
+    trained = exits_lib.placement(exit_params) if self.num_exits else None
+    if trained is not None and trained != self.exit_layers:
+      raise exits_io.ExitsMismatchError(f'exit_params are the exits after layers {trained}, but this decoder '
+                                        f'exits after layers {self.exit_layers}')
     valid = np.asarray(prompt_valid)
     if valid.ndim != 2 or valid.shape[1] == 0:
       raise ValueError(f'empty prompt: prompt_valid must be bool[B, P] with P >= 1, got shape '

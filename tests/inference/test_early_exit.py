@@ -280,7 +280,14 @@ def test_bad_input_fails_before_compiling():
     decoder(lm_params, exit_params, prompt, valid[:, :4], 0.5)
   with pytest.raises(ValueError, match=r'token id 999, outside the vocabulary \[0, '):
     decoder(lm_params, exit_params, np.where(valid, 999, 0).astype(np.int32), valid, 0.5)
-  assert decoder.traces == 0
+  # Exit params carry the layers they were made for (`exits.Placement`), stacked and prepared alike.
+  elsewhere = EarlyExitDecoder(stack, (1, 3), max_new_tokens=N, eos_token_id=None)
+  for params in (exit_params, elsewhere.prepare(lm_params, exit_params)[1]):
+    with pytest.raises(ValueError, match=r'exit_params are the exits after layers \(1, 2\), but this decoder exits '
+                                         r'after layers \(1, 3\)'):
+      elsewhere(lm_params, params, prompt, valid, 0.5)
+  assert exits_lib.placement(decoder.prepare(lm_params, exit_params)[1]) == EXITS
+  assert decoder.traces == 0 and elsewhere.traces == 0
 
 
 @pytest.mark.parametrize('family', ['opt', 't5'])
