@@ -184,8 +184,7 @@ class Evaluator:
     key = (draft_exit, max_draft)
     if key not in self._speculative:
       self._speculative[key] = dataclasses.replace(self.early, mode='speculative', draft_exit=draft_exit,
-                                                   max_draft=max_draft, _compiled={}, _counters={'traces': 0},
-                                                   _signatures={})
+                                                   max_draft=max_draft)
     return self._speculative[key]
 
   def time_interleaved(self, batches: list[dict], prepared: list | None, value: float, repeats: int,

@@ -160,12 +160,13 @@ class EarlyExitDecoder:
   mode: str = 'early_exit'
   draft_exit: int = 0
   max_draft: int = 4
-  # Compiled executables by input shape; `traces` counts Python traces (tests assert no retrace).
-  _compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-  _counters: dict = dataclasses.field(default_factory=lambda: {'traces': 0}, compare=False,
+  # Per-instance caches (not init fields, so `dataclasses.replace` starts a new decoder with empty ones):
+  # compiled executables by input shape; `traces` counts Python traces (tests assert no retrace); the params
+  # objects and their `_signature` by the objects' ids (`_executable`'s lookup).
+  _compiled: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
+  _counters: dict = dataclasses.field(default_factory=lambda: {'traces': 0}, init=False, compare=False,
                                       repr=False)
-  # (params objects, their `_signature`) by the objects' ids: `_executable`'s lookup.
-  _signatures: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  _signatures: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
   def __post_init__(self):
     if self.exit_layers:
