@@ -52,7 +52,8 @@ def test_backbone_step_minimises_shifted_target_ce_and_loss_falls():
 def test_backbone_step_with_grounding_keeps_the_answer_loss_and_learns_the_probe():
   model, params, _, fmt, examples, batch = _smoke_backbone()
   batch.update(grounding.batch_labels(examples['objects'], fmt.image_size))
-  tx = optim.make_optimizer(optim.optimizer_config(learning_rate=3e-3, warmup_steps=0), 10)
+  # 20 steps: on the lookup/relational question set's scenes 10 steps bring the probe loss to 0.706x, just short.
+  tx = optim.make_optimizer(optim.optimizer_config(learning_rate=3e-3, warmup_steps=0), 20)
   mesh = parallel.make_mesh(1)
 
   plain = backbone_step.make_backbone_step(model, tx, mesh)
@@ -61,7 +62,7 @@ def test_backbone_step_with_grounding_keeps_the_answer_loss_and_learns_the_probe
   probe = grounding.init_probe(fmt.num_query_tokens, model.lm_stack().hidden_size)
   state = state_lib.create_backbone_state(params, tx, probe)
   history = []
-  for _ in range(10):
+  for _ in range(20):
     state, metrics = step(state, batch)
     history.append(metrics)
   # 'loss' is the answer CE alone, identical to the plain step's on the same params.
