@@ -275,17 +275,38 @@ class EarlyExitDecoder:
     """Segment i's backbone layers, then exit i's layer (i < E), on any positions of the caches."""
     start, end = self._bounds[i], self._bounds[i + 1]
 
-    def run(h, caches, ctx):
+    def run(h, caches, ctx, exit_output='all'):
       cache, exit_cache = caches
       h, _, cache = self.stack.run_layers(call.lm_params, h, cache, ctx, start, end)
       exit_out = None
       if i < self.num_exits:
-        exit_out, _, sub = self.stack.apply_layers(call.exit_params[i]['layers'], h, exit_cache.layers(i, i + 1),
-                                                   ctx, cross_kv=call.exit_constants[i])
-        exit_cache = exit_cache.with_layers(i, sub)
+        exit_out, exit_cache = self._exit_layer(i, call, h, cache, exit_cache, ctx, exit_output)
       return h, exit_out, (cache, exit_cache)
 
     return run
+
+  def _exit_layer(self, i: int, call: _Call, h: jax.Array, cache: lm_api.KVCache, exit_cache: lm_api.KVCache,
+                  ctx: PyTree, output: str) -> tuple[jax.Array | None, lm_api.KVCache]:
+    """Exit i's layer on h float[B, T, D]: (its output, exit_cache with the T positions' K/V written).
+
+    `output` (static, one of propagation.EXIT_OUTPUTS): 'all' positions; 'last' only (float[B, 1, D]: a
+    prompt's decision reads one position, the others need only their K/V, which are the layer's input norm
+    and projections of h, `propagate_kv`); 'none' (None: K/V only). On a 26-token prompt a full exit layer
+    costs as much as a backbone layer; its K/V alone about a quarter of one.
+    """
+    params, constants = call.exit_params[i]['layers'], call.exit_constants[i]
+    positions = h.shape[1]
+    if output == 'all' or (output == 'last' and positions == 1):
+      out, _, sub = self.stack.apply_layers(params, h, exit_cache.layers(i, i + 1), ctx, cross_kv=constants)
+      return out, exit_cache.with_layers(i, sub)
+    sub = self.stack.propagate_kv({'layers': params}, h, exit_cache.layers(i, i + 1), None, 0, 1)
+    if output == 'none':
+      return None, exit_cache.with_layers(i, sub)
+    last = positions - 1  # the layer itself on the last position, attending to the K/V just written
+    last_ctx = self._context_fn(call)(cache.at(cache.index + last), 1)
+    out, _, sub = self.stack.apply_layers(params, h[:, last:], sub.at(sub.index + last), last_ctx,
+                                          cross_kv=constants)
+    return out, exit_cache.with_layers(i, sub.at(exit_cache.index))
 
   def _project_fn(self, i: int, call: _Call) -> propagation.ProjectFn:
     """CALM: segment i's (and exit i's) K/V projected from a hidden state."""
@@ -318,7 +339,7 @@ class EarlyExitDecoder:
           mode=self.propagation, prompt_length=call.prompt_length if self.prefill == 'early_exit' else 0,
           window=self.catch_up_window, has_exit=i < self.num_exits)
     else:
-      h, exit_out, caches = run(s.h, caches, ctx)
+      h, exit_out, caches = run(s.h, caches, ctx, 'last')  # the decision reads the last position only
       deferred = s.deferred
       if deferred is not None:
         deferred = deferred.ran(i, s.cache.index + s.h.shape[1])

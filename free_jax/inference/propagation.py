@@ -40,9 +40,12 @@ from free_jax.models import lm_api
 PyTree = Any
 MODES = ('recompute', 'calm')
 Caches = tuple[lm_api.KVCache, lm_api.KVCache]  # (backbone, exits), per-layer form
-# (h float[B, T, D], caches at the write index of h's first slot, ctx) -> (h_out, exit_out or None, caches):
-# a segment's layers then its exit's layer.
-RunFn = Callable[[jax.Array, Caches, PyTree], tuple[jax.Array, Any, Caches]]
+# What a segment's run returns of its exit layer's output: at 'all' positions, the 'last' one, or 'none' (its
+# K/V are written either way).
+EXIT_OUTPUTS = ('all', 'last', 'none')
+# (h float[B, T, D], caches at the write index of h's first slot, ctx, exit_output='all') -> (h_out, exit_out or
+# None, caches): a segment's layers then its exit's layer.
+RunFn = Callable[..., tuple[jax.Array, Any, Caches]]
 # (h float[B, T, D], caches at h's first slot) -> caches with the segment's (and exit's) K/V projected from h.
 ProjectFn = Callable[[jax.Array, Caches], Caches]
 # (cache at the first query's slot, number of queries) -> the layers' ctx for those queries.
@@ -150,7 +153,7 @@ def _prompt_pass(segment, deferred, caches, run, project, context, mode, prompt_
   if mode == 'calm':
     caches = project(h, at_start)
   else:
-    out, _, caches = run(h, at_start, context(at_start[0], prompt_length))
+    out, _, caches = run(h, at_start, context(at_start[0], prompt_length), 'none')
     deferred = deferred.replace(h=jax.lax.dynamic_update_slice_in_dim(deferred.h, out, 0, axis=1))
   return deferred.ran(segment, jnp.asarray(prompt_length, jnp.int32)), _at(caches, slot)
 

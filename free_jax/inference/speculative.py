@@ -67,7 +67,9 @@ def decode(decoder, lm_params: PyTree, exit_params: tuple, exit_constants: tuple
   h, cache, ctx = lm_api.begin_step(stack, lm_params, cache, prompt_valid.astype(bool), encoder=encoder,
                                     **{prompt_key: prompt})
   exit_cache = exit_cache.mark_valid(prompt_valid)
-  h, _, cache, exit_cache = shallow(h, cache, exit_cache, ctx)
+  h, _, cache = stack.run_layers(lm_params, h, cache, ctx, 0, draft_layer)
+  # The exit layer's output is not read here: its K/V alone (`EarlyExitDecoder._exit_layer`).
+  exit_cache = stack.propagate_kv({'layers': one_exit['layers']}, h, exit_cache, None, 0, 1)
   h, _, cache = stack.run_layers(lm_params, h, cache, ctx, draft_layer, num_layers)
   first = jnp.argmax(head(h[:, -1:])[:, 0], -1).astype(jnp.int32)
   cache, exit_cache = cache.advance(prompt_length), exit_cache.advance(prompt_length)

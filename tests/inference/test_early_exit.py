@@ -116,6 +116,20 @@ def test_always_exit_equals_first_exit_teacher_forced(family):
 
 
 @pytest.mark.parametrize('family', sorted(CASES))
+def test_a_deeper_exit_after_a_shallow_prompt_equals_its_teacher_forced_prediction(family):
+  # The prompt stops at exit 0 (exit 0's layer computes only its last position's output; the others write
+  # K/V alone) and every later step at exit 1, whose layer then reads the prompt's K/V that the deferred
+  # prompt pass wrote without computing the layer's output: each token is exit 1's teacher-forced argmax.
+  stack, lm_params, exit_params, prompt, valid, encoder, decoder = _setup(family)
+  out = decoder(lm_params, exit_params, prompt, valid, encoder=encoder, depth_schedule=[0] + [1] * (N - 1))
+  tokens = np.asarray(out.tokens)
+  exit_logits, _ = _on_generated(stack, lm_params, exit_params, prompt, valid, encoder, tokens)
+  np.testing.assert_array_equal(tokens[:, 0], exit_logits[0, :, 0].argmax(-1))
+  np.testing.assert_array_equal(tokens[:, 1:], exit_logits[1, :, 1:].argmax(-1))
+  np.testing.assert_array_equal(out.exit_index, [[0] + [1] * (N - 1)] * len(tokens))
+
+
+@pytest.mark.parametrize('family', sorted(CASES))
 def test_prepared_params_decode_the_same_without_copying_the_weights(family):
   """The per-layer decoding form (`prepare`) gives the stacked params' tokens and exits (here at a threshold
   that mixes depths, so propagation runs), and the compiled program holds no copy of the layer weights:
