@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 4          # generated tokens (answers are one word + EOS)
   c.eval.batch_size = 1              # decoding batch size for quality and wall-clock figures
   c.eval.timing_repeats = 5          # repeats of the interleaved full vs early-exit timing (medians)
-  c.eval.num_sweep_thresholds = 11   # thresholds in the quality-vs-speedup sweep
+  c.eval.num_sweep_thresholds = 11   # thresholds in the quality-vs-speedup sweep (denser near 1: `sweep_grid`)
   c.eval.calibration_method = 'ltt'  # 'ltt' (Learn-then-Test) or 'crc' (conformal risk control)
   c.eval.prefill = 'early_exit'      # 'early_exit': the prompt step may exit too; 'full': prompt at full depth
   c.eval.propagation = 'recompute'   # skipped layers' K/V: 'recompute' (exact, deferred) or 'calm' (projected)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one `:smoke` training run through the CLI, reused by the tests that read a finished workdir."""
+"""Shared fixtures: one `:smoke` training run through the CLI (and one smoke study on it), made once for the whole
+suite and reused by the tests that read a finished workdir."""
 
 import os
 import pathlib
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import filelock
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,14 +30,41 @@ def run_train_cli(workdir, *overrides, config='experiments/configs/vqa.py:smoke'
   return out, time.time() - start
 
 
+def _made_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """A directory that `make(path)` fills once per test session, shared by every xdist worker: the first worker
+  to ask makes it under a file lock, the others wait and read it (both workers would otherwise run the same
+  minutes-long CLI job). A failed `make` leaves no directory behind, so each asker raises its own error."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # the session's directory, above each worker's own
+  path, done = root / name, root / f'{name}.done'
+  with filelock.FileLock(str(root / f'{name}.lock')):
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      path.mkdir()
+      try:
+        make(path)
+      except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+      done.touch()
+  return path
+
+
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory):
   """A finished `:smoke` run (backbone, exits, evaluation): (workdir, completed process). Read-only."""
-  workdir = tmp_path_factory.mktemp('smoke')
-  out, seconds = run_train_cli(workdir)
-  assert out.returncode == 0, out.stderr[-3000:]
-  print(f'\n:smoke CLI run (backbone + exits + eval): {seconds:.1f} s')
-  return workdir, out
+  def make(path):
+    out, seconds = run_train_cli(path / 'run')
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path / 'stdout.txt').write_text(out.stdout)
+    (path / 'stderr.txt').write_text(out.stderr)
+    print(f'\n:smoke CLI run (backbone + exits + eval): {seconds:.1f} s')
+
+  path = _made_once(tmp_path_factory, 'smoke', make)
+  out = subprocess.CompletedProcess(args='train.py', returncode=0, stdout=(path / 'stdout.txt').read_text(),
+                                    stderr=(path / 'stderr.txt').read_text())
+  return path / 'run', out
 
 
 def run_study_cli(workdir, out, *flags):
@@ -52,8 +81,9 @@ def run_study_cli(workdir, out, *flags):
 def smoke_study(smoke_run, tmp_path_factory):
   """A finished smoke study (results in ``workdir/results``) on the `smoke_run` backbone (copied: the same
   config trains the same backbone, so the study's backbone stage is skipped). Read-only."""
-  workdir = tmp_path_factory.mktemp('study')
-  shutil.copytree(smoke_run[0] / 'backbone', workdir / 'backbone')
-  seconds = run_study_cli(workdir, workdir / 'results')
-  print(f'\nsmoke study (5 exit trainings + 7 evaluations): {seconds:.1f} s')
-  return workdir
+  def make(workdir):
+    shutil.copytree(smoke_run[0] / 'backbone', workdir / 'backbone')
+    seconds = run_study_cli(workdir, workdir / 'results')
+    print(f'\nsmoke study (5 exit trainings + 7 evaluations): {seconds:.1f} s')
+
+  return _made_once(tmp_path_factory, 'study', make)

@@ -57,7 +57,7 @@ def test_always_exit_summary(tmp_path):
   assert 0 <= summary['overthinking_rate'] <= 1 and 0 <= summary['quality_early_exit'] <= 1
   assert summary['speedup_decode_wallclock'] > 0 and summary['timing']['decode']['repeats'] == 1
   assert summary['test_seed'] == config.data.test_seed
-  assert [s['threshold'] for s in summary['sweep']] == [1.0, 0.5, 0.0]
+  assert [s['threshold'] for s in summary['sweep']] == pytest.approx([1.0, 0.999, 0.0])  # denser near 1
   # Per question type: counts add up, and the type-weighted means are the overall figures.
   per_type = summary['per_type']
   assert sum(t['count'] for t in per_type.values()) == config.data.num_test
