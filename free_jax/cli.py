@@ -10,6 +10,7 @@ line, ``error: ...``, with no traceback; anything else (a bug) keeps its traceba
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -31,22 +32,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(f'config error: {message} (overrides: {", ".join(overrides) or "none"})') from None
 
 
-def _os_cause(error: BaseException) -> OSError | None:
-  """The first OSError with a telling errno in the exception's chain (orbax wraps disk errors in its own)."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _OS_CAUSES:
-      return error
+def _chain(error: BaseException) -> list[BaseException]:
+  """The exception and the ones it was raised from or while handling, outermost first."""
+  chain = []
+  while error is not None and all(error is not e for e in chain):
+    chain.append(error)
     error = error.__cause__ or error.__context__
-  return None
+  return chain
 
 
 def describe(error: BaseException) -> str | None:
   """One line naming a user error's cause, or None for an unexpected error (a bug)."""
-  cause = _os_cause(error)
+  chain = _chain(error)
+  # The first OSError with a telling errno (orbax wraps disk errors in its own, or raises one while handling
+  # tensorstore's).
+  cause = next((e for e in chain if isinstance(e, OSError) and e.errno in _OS_CAUSES), None)
   if cause is not None:
-    where = f': {cause.filename}' if cause.filename else ''
+    # Without a file name of its own, another error of the chain names the file (tensorstore: "Error writing ...").
+    named = [' '.join(str(e).split()) for e in chain if e is not cause and os.sep in str(e)]
+    where = cause.filename or (named[0] if named else '')
+    where = f': {where}' if where else ''
     return f'{cause.strerror or errno.errorcode.get(cause.errno, cause.errno)} (errno {cause.errno}){where}'
   if isinstance(error, _USER_ERRORS):
     message = ' '.join(str(error).split())
@@ -56,6 +61,34 @@ def describe(error: BaseException) -> str | None:
   return None
 
 
+class _NoOrbaxThreadTracebacks(logging.Filter):
+  """Keeps the one-line error that orbax's background save threads log, drops its traceback: the main thread
+  raises the same error, named on the CLI's last line (a disk-full save otherwise prints hundreds of lines)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and f'orbax{os.sep}checkpoint' in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_background_tracebacks() -> None:
+  absl_logger = logging.getLogger('absl')  # where absl.logging (orbax's logger) records go
+  if not any(isinstance(f, _NoOrbaxThreadTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOrbaxThreadTracebacks())
+  if not getattr(sys.excepthook, 'quiet_closed_loops', False):
+    sys.excepthook = _without_closed_loop_errors(sys.excepthook)
+
+
+def _without_closed_loop_errors(hook):
+  """sys.excepthook, silent for "Event loop is closed": tensorstore's writer threads print it (through
+  PyErr_Print) when they report back to a failed orbax save's loop, which is already closed."""
+  def excepthook(kind, value, traceback):
+    if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+      hook(kind, value, traceback)
+  excepthook.quiet_closed_loops = True
+  return excepthook
+
+
 def run_or_exit(fn: Callable[..., Any], *args, exit_now: bool = True, **kwargs) -> Any:
   """fn(*args, **kwargs); a user error exits (status 1) with ``error: <cause>`` as the last line.
 
@@ -63,6 +96,7 @@ def run_or_exit(fn: Callable[..., Any], *args, exit_now: bool = True, **kwargs) 
   (orbax's async saves) would otherwise print their tracebacks at interpreter shutdown, after it. What was
   saved is already on disk or in a temporary directory that the next run removes.
   """
+  _quiet_background_tracebacks()
   try:
     return fn(*args, **kwargs)
   except Exception as e:  # pylint: disable=broad-except

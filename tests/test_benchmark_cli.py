@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -58,3 +59,20 @@ def test_exits_trained_after_other_layers_are_refused_in_one_line(script, smoke_
   assert result.stderr.strip().splitlines()[-1] == (
       f'error: exits.layers=(1, 3), but the exits in {workdir} were trained after layers (1, 2)')
   assert sorted(p.name for p in (workdir / 'eval').iterdir()) == before and not (workdir / 'bench').exists()
+
+
+def test_an_eval_dir_that_cannot_be_written_is_refused_before_the_evaluation(smoke_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns('tensorboard'))
+  eval_dir, summary = workdir / 'eval', (workdir / 'eval' / 'summary.json').read_bytes()
+  # Root ignores permission bits; an immutable directory refuses new entries even to root.
+  if subprocess.run(['chattr', '+i', str(eval_dir)], capture_output=True).returncode:
+    pytest.skip('chattr +i is not available on this file system')
+  try:
+    result = _run('evaluate.py', f'--workdir={workdir}', '--config.eval.threshold=0.5')
+  finally:
+    subprocess.run(['chattr', '-i', str(eval_dir)], check=True)
+  assert result.returncode == 1
+  # The directory itself is named (the check before any decoding), not a plot or summary written at the end.
+  assert result.stderr.strip().splitlines()[-1] == f'error: {eval_dir} is not writable: Operation not permitted'
+  assert (eval_dir / 'summary.json').read_bytes() == summary

@@ -1,6 +1,9 @@
 """Launcher failures end in one line naming the cause (`free_jax.cli`)."""
 
 import errno
+import logging
+import os
+import sys
 
 import pytest
 
@@ -30,3 +33,36 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
   assert capsys.readouterr().err == 'error: eval.threshold=nan must be a finite number\n'
   with pytest.raises(ZeroDivisionError):
     cli.run_or_exit(lambda: 1 / 0, exit_now=False)
+
+
+def test_a_wrapped_disk_error_without_a_file_name_is_named_by_its_wrapper():
+  try:
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    except OSError as e:
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/ckpt/10/_sharding"') from e
+  except ValueError as wrapped:
+    assert cli.describe(wrapped) == ('No space left on device (errno 28): RESOURCE_EXHAUSTED: Error writing local '
+                                     'file "/ckpt/10/_sharding"')
+
+
+def test_orbax_background_errors_keep_their_line_but_not_their_traceback():
+  cli.run_or_exit(lambda: None, exit_now=False)  # installs the filter, as every launcher does
+  record = logging.LogRecord('absl', logging.ERROR, os.path.join('site-packages', 'orbax', 'checkpoint', '_src',
+                                                                 'futures', 'future.py'), 387,
+                             'save thread raised: disk full', None, (OSError, OSError(errno.ENOSPC, 'full'), None))
+  logging.getLogger('absl').handle(record)
+  assert record.exc_info is None and record.getMessage() == 'save thread raised: disk full'
+  ours = logging.LogRecord('absl', logging.ERROR, '/work/free_jax/training/pipeline.py', 1, 'a bug', None,
+                           (ZeroDivisionError, ZeroDivisionError(), None))
+  logging.getLogger('absl').handle(ours)
+  assert ours.exc_info is not None  # everything else keeps its traceback
+
+
+def test_closed_event_loop_reports_of_writer_threads_are_silent_and_others_are_not(capsys, monkeypatch):
+  monkeypatch.setattr(sys, 'excepthook', sys.__excepthook__)
+  cli.run_or_exit(lambda: None, exit_now=False)
+  sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
+  assert capsys.readouterr().err == ''
+  sys.excepthook(RuntimeError, RuntimeError('something else'), None)
+  assert capsys.readouterr().err.strip().splitlines()[-1] == 'RuntimeError: something else'

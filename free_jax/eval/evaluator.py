@@ -332,6 +332,16 @@ def made_from(config: ml_collections.ConfigDict, exit_params: PyTree) -> dict:
       'data': {k: config.data[k] for k in ('source', 'task', 'data_dir', 'test_seed', 'num_test', 'num_calibration')}}))
 
 
+def _check_writable(directory: str) -> None:
+  """Creates `directory` if needed; a one-line PermissionError naming it when it cannot take new files."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise PermissionError(f'{directory} is not writable: {e.strerror}') from e
+
+
 def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backbone: Backbone,
                           exit_params: PyTree, reuse: bool = True) -> dict:
   """Runs the whole evaluation (module docstring); writes and returns ``workdir/eval/summary.json``.
@@ -348,10 +358,8 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
     stored = read_json(path)
     if stored.get('made_from') == inputs:
       return stored
+  _check_writable(out_dir)  # before the work, not when saving the plots
   ev = Evaluator(config, backbone, exit_params)
-  os.makedirs(out_dir, exist_ok=True)
-  with tempfile.TemporaryFile(dir=out_dir):  # writable? (before the work, not when saving the plots)
-    pass
   image_size = backbone.fmt.image_size
   test = sources.load_examples(config, 'test', config.data.num_test, image_size)
   test_batches = ev.batches(test)

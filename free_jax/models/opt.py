@@ -281,12 +281,10 @@ class OPTStack:
 
   def logits(self, lm_params: PyTree, features: jax.Array) -> jax.Array:
     """float32[B, T, V] from float[B, T, E] features (float32 so bfloat16 models argmax stably)."""
-    if self.config.tie_word_embeddings:
-      kernel = lm_params['embed_tokens']['embedding'].T
-    else:
-      kernel = lm_params['lm_head']['kernel']
-    return jnp.einsum('bte,ev->btv', features, kernel.astype(features.dtype),
-                      preferred_element_type=jnp.float32)
+    # The tied head contracts the embedding table [V, E] as it is: its transpose would be copied at every call.
+    weight, spec = ((lm_params['embed_tokens']['embedding'], 'bte,ve->btv') if self.config.tie_word_embeddings
+                    else (lm_params['lm_head']['kernel'], 'bte,ev->btv'))
+    return jnp.einsum(spec, features, weight.astype(features.dtype), preferred_element_type=jnp.float32)
 
 
 def _layer_params_from_hf(get: TensorSource, cfg: OPTConfig) -> dict:

@@ -352,13 +352,12 @@ class T5Stack:
 
   def logits(self, lm_params: PyTree, features: jax.Array) -> jax.Array:
     """float32[B, T, V]; a tied head scales features by d_model**-0.5 first, as HF does."""
-    if self.config.tie_word_embeddings:
+    if self.config.tie_word_embeddings:  # the table [V, D] contracted as it is (a transpose is copied per call)
       features = features * self.config.d_model ** -0.5
-      kernel = lm_params['shared']['embedding'].T
+      weight, spec = lm_params['shared']['embedding'], 'btd,vd->btv'
     else:
-      kernel = lm_params['lm_head']['kernel']
-    return jnp.einsum('btd,dv->btv', features, kernel.astype(features.dtype),
-                      preferred_element_type=jnp.float32)
+      weight, spec = lm_params['lm_head']['kernel'], 'btd,dv->btv'
+    return jnp.einsum(spec, features, weight.astype(features.dtype), preferred_element_type=jnp.float32)
 
   def forward(self, lm_params: PyTree, encoder_embeds: jax.Array, encoder_mask: jax.Array,
               decoder_input_ids: jax.Array | None = None, decoder_mask: jax.Array | None = None,
