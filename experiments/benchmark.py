@@ -38,6 +38,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; results go to WO
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Decoding batch sizes.')
 _OPT2P7B = flags.DEFINE_bool('opt2p7b', False, 'Also time a random BLIP-2-OPT-2.7B-shaped LM.')
 _MEMORY_BOUND = flags.DEFINE_bool('memory_bound', False, 'Also time the memory-bound 16x1024 random OPT.')
+_LAYER_SCALING = flags.DEFINE_bool('layer_scaling', False, 'Also time the LM truncated to its first 1..L layers '
+                                    '(batch 1): what a layer costs where it sits on this machine.')
 _ACCELERATOR = flags.DEFINE_bool('accelerator', False, 'The accelerator report (bfloat16 2.7B shape, batch 1/8/32).')
 _LARGE_TOKENS = flags.DEFINE_integer('opt2p7b_new_tokens', 4, 'Tokens decoded by the 2.7B-shaped LM.')
 _LARGE_DTYPE = flags.DEFINE_enum('opt2p7b_dtype', 'bfloat16', ['bfloat16', 'float32'],
@@ -86,6 +88,12 @@ def main(argv):
     summary['results'].append(benchmark.benchmark_decoding(
         stack, lm_params, exit_params, config.exits.layers, batch_size=b, prompt_length=prompt_length,
         max_new_tokens=e.max_new_tokens, repeats=e.timing_repeats, thresholds=thresholds))
+  if _LAYER_SCALING.value:
+    try:
+      summary['layer_scaling'] = benchmark.layer_scaling(stack, lm_params, batch_size=1, prompt_length=prompt_length,
+                                                         max_new_tokens=e.max_new_tokens, repeats=e.timing_repeats)
+    except ValueError as err:
+      sys.exit(f'error: --layer_scaling: {err}')
   replays = benchmark.replay_schedules(_step_depths(workdir), e.max_new_tokens)
   replay_schedules = {name: r['schedule'] for name, r in replays.items()}
   if _MEMORY_BOUND.value:
@@ -125,6 +133,9 @@ def main(argv):
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   rows = summary['results'] + summary.get('memory_bound', []) + summary.get('opt2p7b', [])
+  if 'layer_scaling' in summary:
+    print('first k layers, ms per call (marginal): ' + ', '.join(
+        f"{r['layers']}: {1e3 * r['seconds']:.2f} ({1e3 * r['marginal_s']:+.2f})" for r in summary['layer_scaling']))
   for r in summary.get('memory_bound_speculative', []):
     v = r['speculative']['0.0']
     print(f"speculative ({r['drafter']} drafter) batch {r['batch_size']}: x{v['speedup']:.2f} of ideal x{v['ideal']:.2f}, "

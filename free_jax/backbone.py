@@ -82,7 +82,11 @@ def make_input_format(config: ml_collections.ConfigDict, model_config: blip2.Bli
     prompt_length, target_length = _real_text_lengths(config, tokenizer, family, image_size)
     target_length = max(2, min(target_length, max_length - prompt_length))
   else:
-    probe = sort_of_clevr.make_split('val', PROBE_EXAMPLES, 0, task=config.data.task, image_size=image_size)
+    try:
+      probe = sort_of_clevr.make_split('val', PROBE_EXAMPLES, 0, task=config.data.task, image_size=image_size)
+    except ValueError as e:  # the generator draws scenes at the model's input size
+      raise ValueError(f"data.source={config.data.source!r} cannot draw scenes for the model's vision config "
+                       f'(image_size={image_size}): {e}') from None
     prompt_length, target_length = batching.required_lengths(tokenizer, family, config.data.task, probe)
   check(prompt_length + target_length <= max_length,
          f'data.max_text_length={max_length} is too short: prompts need {prompt_length} tokens and targets '

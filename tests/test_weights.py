@@ -13,8 +13,12 @@ import torch
 import transformers
 
 import free_jax
+from experiments.configs import vqa
+from free_jax import backbone
+from free_jax.data import tokenizer as tokenizer_lib
+from free_jax.models import blip2
 from free_jax.models.hf_tensors import WeightsError
-from tests.hf_fixtures import save_tiny_blip2, tiny_blip2
+from tests.hf_fixtures import IMAGE_SIZE, save_tiny_blip2, tiny_blip2, tiny_blip2_config
 
 
 @pytest.fixture(scope='module')
@@ -156,3 +160,10 @@ def test_tokenizer_and_processor_load_offline(tmp_path):
   loaded = free_jax.load_processor(tmp_path)
   assert isinstance(loaded, transformers.Blip2Processor)
   assert loaded.num_query_tokens == 4
+
+
+def test_a_vision_config_the_scene_generator_cannot_draw_for_names_the_vision_config():
+  model_config = blip2.Blip2Config.from_hf(tiny_blip2_config('opt'))
+  with pytest.raises(ValueError, match=(r"data.source='sort_of_clevr' cannot draw scenes for the model's vision "
+                                        rf'config \(image_size={IMAGE_SIZE}\): image_size={IMAGE_SIZE} must be')):
+    backbone.make_input_format(vqa.get_config('smoke'), model_config, tokenizer_lib.embedded_tokenizer('opt'))

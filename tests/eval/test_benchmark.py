@@ -8,6 +8,8 @@ from free_jax.inference import confidence
 from free_jax.inference.cost import WeightBytes
 from free_jax.inference.early_exit import EarlyExitDecoder
 from free_jax.models.opt import OPTConfig
+from free_jax.models.t5 import T5Stack
+from free_jax.models.t5_layers import T5Config
 
 TINY = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
                  max_position_embeddings=64, word_embed_proj_dim=32)
@@ -61,3 +63,12 @@ def test_replayed_schedules_and_accelerator_report():
   weighted = benchmark.weighted_replay({'full': result['full'], 'early_exit': result['replayed']},
                                        {n: {'schedule': s, 'count': 1} for n, s in schedules.items()})
   assert weighted['share_of_ideal'] == pytest.approx(weighted['speedup'] / weighted['ideal'])
+
+
+def test_layer_scaling_times_every_prefix_of_the_lm_and_refuses_other_families():
+  stack, lm_params, _ = benchmark.random_model(TINY, EXITS)
+  rows = benchmark.layer_scaling(stack, lm_params, batch_size=1, prompt_length=4, max_new_tokens=2, repeats=1)
+  assert [r['layers'] for r in rows] == [1, 2, 3, 4] and all(r['seconds'] > 0 for r in rows)
+  assert sum(r['marginal_s'] for r in rows) == pytest.approx(rows[-1]['seconds'])
+  with pytest.raises(ValueError, match='layer scaling truncates an OPT LM; got T5Stack'):
+    benchmark.layer_scaling(T5Stack(T5Config()), {}, batch_size=1, prompt_length=1, max_new_tokens=1, repeats=1)
