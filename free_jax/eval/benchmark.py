@@ -201,7 +201,8 @@ def layer_scaling(stack: OPTStack, lm_params: PyTree, *, batch_size: int, prompt
   of the call waits on memory (the shipped 8-layer LM holds 4 MB of float32 weights), so stopping after 2 of
   8 layers can save more than 6/8 of the time, or, on a machine with a larger cache, less.
 
-  Returns: per k, {'layers': k, 'seconds': median seconds of a call, 'marginal_s': seconds(k) - seconds(k - 1)}.
+  Returns: per k, {'layers': k, 'seconds': median seconds of a call, 'marginal_s': seconds(k) - seconds(k - 1)}
+  (the whole call for k = 1).
   """
   if not isinstance(stack, OPTStack):
     raise ValueError(f'layer scaling truncates an OPT LM; got {type(stack).__name__}')
