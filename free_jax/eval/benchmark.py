@@ -98,6 +98,13 @@ def _seconds(run) -> float:
   return time.perf_counter() - start
 
 
+def _random_prompt(stack, batch_size: int, prompt_length: int, seed: int, prompt_vocab: int | None):
+  """(int32[B, P] random ids from [0, prompt_vocab or the vocabulary), bool[B, P] all valid)."""
+  vocab = prompt_vocab or stack.vocab_size
+  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
+  return ids, np.ones((batch_size, prompt_length), bool)
+
+
 def interleaved_medians(runs: dict, repeats: int) -> dict:
   """Median seconds of each run, timed round-robin after one warm-up pass (machine speed drifts)."""
   times = {name: [] for name in runs}
@@ -133,9 +140,7 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
     whole call), 'share_of_ideal', the same per decode step ('step_speedup', 'step_ideal',
     'step_share_of_ideal'), 'speedup_layers' and 'mean_exit_index'.
   """
-  vocab = prompt_vocab or stack.vocab_size
-  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
-  valid = np.ones((batch_size, prompt_length), bool)
+  ids, valid = _random_prompt(stack, batch_size, prompt_length, seed, prompt_vocab)
   lengths = (max_new_tokens, 1) if per_step and max_new_tokens > 1 else (max_new_tokens,)
   full = {n: EarlyExitDecoder(stack, (), max_new_tokens=n, eos_token_id=None) for n in lengths}
   early = {n: EarlyExitDecoder(stack, tuple(exit_layers), max_new_tokens=n, eos_token_id=None) for n in lengths}
@@ -206,9 +211,7 @@ def layer_scaling(stack: OPTStack, lm_params: PyTree, *, batch_size: int, prompt
   """
   if not isinstance(stack, OPTStack):
     raise ValueError(f'layer scaling truncates an OPT LM; got {type(stack).__name__}')
-  vocab = prompt_vocab or stack.vocab_size
-  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
-  valid = np.ones((batch_size, prompt_length), bool)
+  ids, valid = _random_prompt(stack, batch_size, prompt_length, seed, prompt_vocab)
   prepared, _ = EarlyExitDecoder(stack, (), max_new_tokens, None).prepare(lm_params, ())
   runs = {}
   for k in range(1, stack.num_layers + 1):
@@ -302,9 +305,7 @@ def benchmark_speculative(stack, lm_params: PyTree, exit_params: PyTree, exit_la
   'share_of_ideal', 'identical' (tokens == full greedy), 'acceptance', 'tokens_per_round', 'rounds',
   'bytes_per_token', 'layers_per_token'}}}.
   """
-  vocab = prompt_vocab or stack.vocab_size
-  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(seed), (batch_size, prompt_length), 0, vocab), np.int32)
-  valid = np.ones((batch_size, prompt_length), bool)
+  ids, valid = _random_prompt(stack, batch_size, prompt_length, seed, prompt_vocab)
   full = EarlyExitDecoder(stack, (), max_new_tokens=max_new_tokens, eos_token_id=None)
   spec = EarlyExitDecoder(stack, tuple(exit_layers), max_new_tokens=max_new_tokens, eos_token_id=None,
                           mode='speculative', draft_exit=draft_exit, max_draft=max_draft)
