@@ -19,6 +19,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(ROOT / '.pytest_cache' / 'jax_compilation_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# The tests assert behaviour on tiny models, so most of the suite's time is XLA compiling, not running: LLVM at
+# -O0 cuts the suite's CPU time by ~30% (17.5 -> 13 min here). The CLI and notebook subprocesses inherit it;
+# benchmarks and user runs keep the default optimisation level.
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
 def run_train_cli(workdir, *overrides, config='experiments/configs/vqa.py:smoke'):

@@ -47,7 +47,8 @@ print('MATCH', len(m1), 'metrics', float(m1['g_loss']), float(m8['g_loss']))
 
 
 def test_one_and_eight_devices_agree():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # the suite's flags kept
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _SCRIPT], env=env, capture_output=True, text=True, timeout=900,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   assert out.returncode == 0, out.stderr[-3000:]
