@@ -162,11 +162,13 @@ class EarlyExitDecoder:
   max_draft: int = 4
   # Per-instance caches (not init fields, so `dataclasses.replace` starts a new decoder with empty ones):
   # compiled executables by input shape; `traces` counts Python traces (tests assert no retrace); the params
-  # objects and their `_signature` by the objects' ids (`_executable`'s lookup).
+  # objects, their leaves and `_signature` by the objects' ids (`_params`); device copies of the scalar
+  # thresholds, patience and the default schedule a call passes (`_run`).
   _compiled: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
   _counters: dict = dataclasses.field(default_factory=lambda: {'traces': 0}, init=False, compare=False,
                                       repr=False)
   _signatures: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
+  _constants: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
   def __post_init__(self):
     if self.exit_layers:
@@ -211,6 +213,14 @@ class EarlyExitDecoder:
 
   def check_inputs(self, exit_params: PyTree, prompt_valid, thresholds=None, patience=None, prompt=None) -> None:
     """One-line ValueErrors for inputs the decoder cannot serve; called before compiling."""
+    self._check_exits(exit_params)
+    self._check_prompt(prompt_valid, prompt)
+    if thresholds is not None and self.num_exits:
+      conf_lib.validate_thresholds(thresholds, self.num_exits)
+    if patience is not None:
+      conf_lib.validate_patience(patience)
+
+  def _check_exits(self, exit_params: PyTree) -> None:
     held = exits_lib.num_exits(exit_params) if self.num_exits else 0
     if held != self.num_exits:
       raise ValueError(f'exit_params hold {held} exits but exit_layers={self.exit_layers} has '
@@ -219,6 +229,8 @@ class EarlyExitDecoder:
     if trained is not None and trained != self.exit_layers:
       raise exits_io.ExitsMismatchError(f'exit_params are the exits after layers {trained}, but this decoder '
                                         f'exits after layers {self.exit_layers}')
+
+  def _check_prompt(self, prompt_valid, prompt) -> None:
     valid = np.asarray(prompt_valid)
     if valid.ndim != 2 or valid.shape[1] == 0:
       raise ValueError(f'empty prompt: prompt_valid must be bool[B, P] with P >= 1, got shape '
@@ -241,10 +253,6 @@ class EarlyExitDecoder:
     if limit is not None and valid.shape[1] + self.max_new_tokens > limit:
       raise ValueError(f'max_new_tokens={self.max_new_tokens} with a prompt of {valid.shape[1]} '
                        f'tokens exceeds the position limit max_position_embeddings={limit}')
-    if thresholds is not None and self.num_exits:
-      conf_lib.validate_thresholds(thresholds, self.num_exits)
-    if patience is not None:
-      conf_lib.validate_patience(patience)
 
   # ----------------------------------------------------------------------------------------------
   # The traced program.
@@ -506,28 +514,45 @@ class EarlyExitDecoder:
       prompt_valid: bool[B, P] real tokens (left padding).
       encoder: the family's encoder state (T5: `T5Encoded`), else None.
       with_cache: the executable also returns the backbone's final KV cache (`decode_with_cache`).
+
+    The executable takes the params as their flat tuple of leaves (`_params`), then the traced arguments.
     """
     self.check_inputs(exit_params, prompt_valid, prompt=prompt)
-    return self._executable(lm_params, exit_params, prompt, prompt_valid, encoder, with_cache)
+    return self._executable(self._params(lm_params, exit_params), prompt, prompt_valid, encoder, with_cache)
 
-  def _executable(self, lm_params, exit_params, prompt, prompt_valid, encoder, with_cache):
-    # The params' part of the key is computed once per params object: walking ~200 leaves at every call
-    # costs more than a decode step of a small LM. The signature cache holds the objects it describes, so
-    # an id is never reused for another tree while its entry exists.
-    signatures = self._signatures
-    params_key = (id(lm_params), id(exit_params))
-    entry = signatures.get(params_key)
-    if entry is None or entry[0] is not lm_params or entry[1] is not exit_params:
-      if len(signatures) >= 8:
-        signatures.clear()
-      entry = signatures[params_key] = (lm_params, exit_params, _signature((lm_params, exit_params)))
-    key = (entry[2], _signature((prompt, prompt_valid, encoder)), with_cache)
+  def _params(self, lm_params: PyTree, exit_params: PyTree) -> _Params:
+    """The params pair's checked exits, signature and flat leaves, made once per pair of objects.
+
+    On a small LM the host side of a call rivals its decode: walking ~200 nested leaves for a cache key,
+    checking the exits' placement and flattening the dicts again at dispatch cost more than the layers an
+    early exit skips. The cache holds the objects it describes, so an id is never reused for another tree
+    while its entry exists.
+    """
+    key = (id(lm_params), id(exit_params))
+    entry = self._signatures.get(key)
+    if entry is None or entry.lm_params is not lm_params or entry.exit_params is not exit_params:
+      self._check_exits(exit_params)
+      if len(self._signatures) >= 8:
+        self._signatures.clear()
+      leaves, treedef = jax.tree.flatten((lm_params, exit_params))
+      entry = self._signatures[key] = _Params(lm_params, exit_params, treedef, tuple(leaves),
+                                              _signature((lm_params, exit_params)))
+    return entry
+
+  def _executable(self, params: '_Params', prompt, prompt_valid, encoder, with_cache):
+    key = (params.signature, _signature((prompt, prompt_valid, encoder)), with_cache)
     if key not in self._compiled:
-      args = (lm_params, exit_params, jax.ShapeDtypeStruct((self.num_exits,), jnp.float32),
+      treedef = params.treedef
+
+      def decode(leaves, *args):
+        lm_params, exit_params = jax.tree.unflatten(treedef, leaves)
+        return self._decode(lm_params, exit_params, *args, with_cache=with_cache)
+
+      args = (params.leaves, jax.ShapeDtypeStruct((self.num_exits,), jnp.float32),
               jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((self.max_new_tokens,), jnp.int32),
               prompt, prompt_valid, encoder)
       start = time.perf_counter()
-      compiled = jax.jit(functools.partial(self._decode, with_cache=with_cache)).lower(*args).compile()
+      compiled = jax.jit(decode).lower(*args).compile()
       self._compiled[key] = (compiled, time.perf_counter() - start)
     return self._compiled[key]
 
@@ -556,16 +581,39 @@ class EarlyExitDecoder:
 
   def _run(self, lm_params, exit_params, prompt, prompt_valid, thresholds, encoder, patience, depth_schedule,
            with_cache):
-    self.check_inputs(exit_params, prompt_valid, thresholds, patience, prompt)
-    thresholds = (conf_lib.validate_thresholds(thresholds, self.num_exits) if self.num_exits
-                  else np.zeros(0, np.float32))
-    schedule = np.full(self.max_new_tokens, -1, np.int32)
-    if depth_schedule is not None:
+    params = self._params(lm_params, exit_params)  # the exits are checked once per params object
+    self._check_prompt(prompt_valid, prompt)
+    thresholds = self._constant('thresholds', thresholds, lambda t: conf_lib.validate_thresholds(t, self.num_exits)
+                                if self.num_exits else np.zeros(0, np.float32))
+    patience = self._constant('patience', patience, lambda k: np.int32(conf_lib.validate_patience(k)))
+    if depth_schedule is None:
+      schedule = self._constant('schedule', None, lambda _: np.full(self.max_new_tokens, -1, np.int32))
+    else:
       given = np.asarray(depth_schedule)
-      if given.shape != schedule.shape or given.min() < -1 or given.max() > self.num_exits:
+      if given.shape != (self.max_new_tokens,) or given.min() < -1 or given.max() > self.num_exits:
         raise ValueError(f'depth_schedule must be int[{self.max_new_tokens}] in [-1, {self.num_exits}], got '
                          f'shape {given.shape}, values {given.min()}..{given.max()}')
       schedule = given.astype(np.int32)
-    compiled, _ = self._executable(lm_params, exit_params, prompt, prompt_valid, encoder, with_cache)
-    return compiled(lm_params, exit_params, thresholds, np.int32(patience), schedule, prompt, prompt_valid,
-                    encoder)
+    compiled, _ = self._executable(params, prompt, prompt_valid, encoder, with_cache)
+    return compiled(params.leaves, thresholds, patience, schedule, prompt, prompt_valid, encoder)
+
+  def _constant(self, name: str, value, make):
+    """`make(value)` (a checked host array) for a call; for a scalar or None on the device, made once per value
+    (the evaluator passes the same threshold to hundreds of calls: each host array is a transfer per call)."""
+    if not (value is None or isinstance(value, (int, float, np.number))):
+      return make(value)
+    key = (name, type(value), value)  # 1, 1.0 and True are one dict key, but not one input
+    if key not in self._constants:
+      self._constants[key] = jax.device_put(make(value))
+    return self._constants[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Params:
+  """A params pair as `EarlyExitDecoder._params` caches it: the objects, their structure, leaves and signature."""
+
+  lm_params: PyTree
+  exit_params: PyTree
+  treedef: Any
+  leaves: tuple
+  signature: tuple

@@ -200,6 +200,9 @@ def test_patience():
   out = decoder(lm_params, exit_params, prompt, valid, patience=len(EXITS) + 1)
   np.testing.assert_array_equal(out.exit_index, len(EXITS))
   assert decoder.traces == 1
+  # k = 1 is now held on the device for later calls; True (== 1 as a dict key) is still refused.
+  with pytest.raises(ValueError, match='patience must be a positive integer'):
+    decoder(lm_params, exit_params, prompt, valid, patience=True)
 
 
 def test_threshold_sweep_never_retraces():
@@ -211,6 +214,10 @@ def test_threshold_sweep_never_retraces():
     depths.append(float(np.mean(decoder(lm_params, exit_params, prompt, valid, thresholds).exit_index)))
   assert decoder.traces == traces
   assert depths[0] == 0 and depths[-1] == len(EXITS)
+  # Scalar thresholds are checked once and then held on the device; a bad one is still refused at every call.
+  for _ in range(2):
+    with pytest.raises(ValueError, match=r'threshold\[0\] = nan'):
+      decoder(lm_params, exit_params, prompt, valid, np.nan)
   traces = decoder.traces
   decoder(lm_params, exit_params, prompt[:1], valid[:1], 0.5)  # a new batch shape compiles once more
   assert decoder.traces == traces + 1
