@@ -604,6 +604,8 @@ class EarlyExitDecoder:
       return make(value)
     key = (name, type(value), value)  # 1, 1.0 and True are one dict key, but not one input
     if key not in self._constants:
+      if len(self._constants) >= 64:  # a sweep over many values keeps only the latest
+        self._constants.clear()
       self._constants[key] = jax.device_put(make(value))
     return self._constants[key]
 
