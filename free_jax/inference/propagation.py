@@ -17,7 +17,8 @@ too (a lazy prefill: when no token goes deep, they never run).
 Bookkeeping is a prefix per segment: a step that enters segment j first computes every slot it is
 missing, so the slots missing segment j are always [done[j], current slot). The hidden states to compute
 them from are kept per slot (`Deferred.h`: the state each slot left its deepest segment with). The prompt
-is caught up in one pass of P positions; decode slots in windows of W positions starting at done[j].
+is caught up in one pass of P positions; decode slots in windows of W positions starting at done[j] (of 2 once
+at most 2 are missing).
 Window slots past the current one are future slots: what a window writes there (K/V, hidden states) is
 overwritten by those slots' own steps before anything reads it, which is why the caches carry W spare
 slots at the end instead of masking each write.
