@@ -66,7 +66,8 @@ def _free_port() -> int:
 
 def test_two_processes_assemble_the_global_batch_and_share_checkpoints(tmp_path):
   port = _free_port()
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={LOCAL_DEVICES}"
+  from tests.fake_devices import fake_device_flags  # here, not at the top: the worker processes import this file
+  flags = fake_device_flags(LOCAL_DEVICES)
   workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)],
                               env=_clean_env(XLA_FLAGS=flags), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from tests.fake_devices import fake_device_flags
+
 _SCRIPT = r'''
 import jax, numpy as np
 from experiments.configs import vqa
@@ -47,8 +49,7 @@ print('MATCH', len(m1), 'metrics', float(m1['g_loss']), float(m8['g_loss']))
 
 
 def test_one_and_eight_devices_agree():
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # the suite's flags kept
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=fake_device_flags(8), JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _SCRIPT], env=env, capture_output=True, text=True, timeout=900,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   assert out.returncode == 0, out.stderr[-3000:]
