@@ -110,7 +110,13 @@ class _Call:
 
 def _signature(tree) -> tuple:
   """Structure, shapes and dtypes of a pytree: what an executable is compiled for."""
-  return (jax.tree.structure(tree), tuple((tuple(np.shape(x)), np.dtype(x.dtype)) for x in jax.tree.leaves(tree)))
+  leaves, treedef = jax.tree.flatten(tree)
+  return _signature_of(treedef, leaves)
+
+
+def _signature_of(treedef, leaves) -> tuple:
+  """`_signature` of a tree already flattened."""
+  return (treedef, tuple((tuple(np.shape(x)), np.dtype(x.dtype)) for x in leaves))
 
 
 def layer_cost(step_depth, exit_layers: tuple[int, ...], num_layers: int) -> np.ndarray:
@@ -167,7 +173,7 @@ class EarlyExitDecoder:
   _compiled: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
   _counters: dict = dataclasses.field(default_factory=lambda: {'traces': 0}, init=False, compare=False,
                                       repr=False)
-  _signatures: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
+  _params_cache: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
   _constants: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
   def __post_init__(self):
@@ -529,14 +535,14 @@ class EarlyExitDecoder:
     while its entry exists.
     """
     key = (id(lm_params), id(exit_params))
-    entry = self._signatures.get(key)
+    entry = self._params_cache.get(key)
     if entry is None or entry.lm_params is not lm_params or entry.exit_params is not exit_params:
       self._check_exits(exit_params)
-      if len(self._signatures) >= 8:
-        self._signatures.clear()
+      if len(self._params_cache) >= 8:
+        self._params_cache.clear()
       leaves, treedef = jax.tree.flatten((lm_params, exit_params))
-      entry = self._signatures[key] = _Params(lm_params, exit_params, treedef, tuple(leaves),
-                                              _signature((lm_params, exit_params)))
+      entry = self._params_cache[key] = _Params(lm_params, exit_params, treedef, tuple(leaves),
+                                                _signature_of(treedef, leaves))
     return entry
 
   def _executable(self, params: '_Params', prompt, prompt_valid, encoder, with_cache):
