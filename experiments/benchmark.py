@@ -5,6 +5,8 @@ r"""Decoding throughput, full depth vs early exit: batch 1 and 8, compile times,
   python experiments/benchmark.py --config=experiments/configs/vqa.py --workdir=workdir/vqa --opt2p7b \
       --opt2p7b_dtype=float32
   python experiments/benchmark.py --config=experiments/configs/vqa.py --workdir=workdir/vqa --accelerator
+  python experiments/benchmark.py --config=experiments/configs/caption.py --workdir=workdir/caption \
+      --batch_sizes=1 --patterns=0,1,3,03,003,000003 --op_counts
 
 With a finished training run in WORKDIR the trained LM and exits are timed (also at the threshold
 of WORKDIR/eval/summary.json, if evaluate.py ran); otherwise a random LM of the config's embedded
@@ -12,7 +14,9 @@ shape. Every speedup is reported against its weight-bytes ideal (`free_jax.infer
 and per decode step. ``--memory_bound`` adds a random 16-layer width-1024 OPT (0.8 GB, memory-bound on
 a CPU) at prompts 64 and 512, batch 1 and 8. ``--opt2p7b`` adds a random BLIP-2-OPT-2.7B-shaped LM at
 prompts 40 and 512 (batch 1), with the trained run's per-step exit decisions (evaluate.py's
-``step_depths``) replayed on it. ``--accelerator`` is the report for one GPU/TPU (bfloat16 2.7B shape,
+``step_depths``) replayed on it. ``--patterns=0,03`` also times forced depth patterns, each repeated over
+the N steps (here: every step at exit 0; exit 0 and the final layer alternating), and ``--op_counts`` counts
+the XLA ops each call executes (CPU). ``--accelerator`` is the report for one GPU/TPU (bfloat16 2.7B shape,
 batch 1, 8 and 32, the weight-read floor, the cost of the loop's predicates; a few minutes). Prompts are
 random ids, with no EOS, so every row decodes exactly its N tokens. Writes WORKDIR/bench/summary.json.
 """
@@ -41,6 +45,10 @@ _MEMORY_BOUND = flags.DEFINE_bool('memory_bound', False, 'Also time the memory-b
 _LAYER_SCALING = flags.DEFINE_bool('layer_scaling', False, 'Also time the LM truncated to its first 1..L layers '
                                     '(batch 1): what a layer costs where it sits on this machine.')
 _ACCELERATOR = flags.DEFINE_bool('accelerator', False, 'The accelerator report (bfloat16 2.7B shape, batch 1/8/32).')
+_PATTERNS = flags.DEFINE_list('patterns', [], 'Forced depth patterns to time, each repeated over the N steps: digits '
+                              'E..0, the exit each step stops at (E: the final layer), e.g. 00,10,30 or 0,3,003.')
+_OP_COUNTS = flags.DEFINE_bool('op_counts', False, 'Also count the XLA ops each call executes (CPU): the '
+                               'machine-independent part of a call\'s cost at small widths.')
 _LARGE_TOKENS = flags.DEFINE_integer('opt2p7b_new_tokens', 4, 'Tokens decoded by the 2.7B-shaped LM.')
 _LARGE_DTYPE = flags.DEFINE_enum('opt2p7b_dtype', 'bfloat16', ['bfloat16', 'float32'],
                                  'Dtype of the 2.7B-shaped LM (CPUs have no bfloat16 matmul: XLA converts).')
@@ -78,6 +86,7 @@ def main(argv):
     if not batch_sizes or min(batch_sizes) < 1:
       raise ValueError(f'--batch_sizes={_BATCH_SIZES.value} must be positive integers')
     description, stack, lm_params, exit_params, prompt_length, extra = _model(config, workdir)
+    patterns = benchmark.periodic_schedules(_PATTERNS.value, config.eval.max_new_tokens, len(config.exits.layers))
   except ValueError as e:
     sys.exit(f'error: {e}')
   thresholds = (0.0, *extra, confidence.NEVER_EXIT)
@@ -87,7 +96,8 @@ def main(argv):
   for b in batch_sizes:
     summary['results'].append(benchmark.benchmark_decoding(
         stack, lm_params, exit_params, config.exits.layers, batch_size=b, prompt_length=prompt_length,
-        max_new_tokens=e.max_new_tokens, repeats=e.timing_repeats, thresholds=thresholds))
+        max_new_tokens=e.max_new_tokens, repeats=e.timing_repeats, thresholds=thresholds, schedules=patterns,
+        op_counts=_OP_COUNTS.value))
   if _LAYER_SCALING.value:
     try:
       summary['layer_scaling'] = benchmark.layer_scaling(stack, lm_params, batch_size=1, prompt_length=prompt_length,
@@ -143,7 +153,8 @@ def main(argv):
   for r in rows + summary.get('accelerator', {}).get('results', []):
     speeds = ', '.join(f"{t}: x{v['speedup']:.2f} of ideal x{v['ideal']:.2f} ({100 * v['share_of_ideal']:.0f}%)"
                        + (f", per step x{v['step_speedup']:.2f} ({100 * v['step_share_of_ideal']:.0f}%)"
-                          if 'step_speedup' in v else '') for t, v in r['early_exit'].items())
+                          if 'step_speedup' in v else '')
+                       + (f", ops x{v['ops_ratio']:.2f}" if v.get('ops_ratio') else '') for t, v in r['early_exit'].items())
     step = f", step {1e3 * r['full']['step_s']:.1f} ms" if 'step_s' in r['full'] else ''
     print(f"batch {r['batch_size']} prompt {r['prompt_length']}: full {r['full']['tokens_per_s']:.1f} tok/s{step}; "
           f"{speeds}")

@@ -21,7 +21,7 @@ def _run(script, *args):
 
 def test_benchmark_random_model(tmp_path):
   result = _run('benchmark.py', f'--workdir={tmp_path}', '--batch_sizes=1,2', '--config.eval.timing_repeats=1',
-                '--config.eval.max_new_tokens=3')
+                '--config.eval.max_new_tokens=3', '--patterns=02', '--op_counts')
   assert result.returncode == 0, result.stderr[-2000:]
   with open(tmp_path / 'bench' / 'summary.json') as f:
     summary = json.load(f)
@@ -34,13 +34,20 @@ def test_benchmark_random_model(tmp_path):
     assert always['mean_exit_index'] == 0 and never['mean_exit_index'] == len(summary['exit_layers'])
     assert always['speedup_layers'] == pytest.approx(summary['num_layers'] / (first + 1))
     assert never['speedup_layers'] < 1  # full depth plus every exit layer
+    pattern = r['early_exit']['02']
+    assert pattern['step_depths'] == [0, 2, 0]
+    assert always['ops_per_call'] < pattern['ops_per_call'] < never['ops_per_call']
   assert summary['peak_memory']['host_peak_rss_bytes'] > 0
 
 
-def test_bad_batch_sizes(tmp_path):
-  result = _run('benchmark.py', f'--workdir={tmp_path}', '--batch_sizes=0')
+@pytest.mark.parametrize('flag, error', [
+    ('--batch_sizes=0', "error: --batch_sizes=['0'] must be positive integers"),
+    ('--patterns=03', "error: schedule pattern '03' must be digits 0..2 (exit index; 2 = the final layer)")])
+def test_bad_flags(tmp_path, flag, error):
+  result = _run('benchmark.py', f'--workdir={tmp_path}', flag)
   assert result.returncode != 0
-  assert result.stderr.strip().splitlines()[-1] == "error: --batch_sizes=['0'] must be positive integers"
+  assert result.stderr.strip().splitlines()[-1] == error
+  assert not list(tmp_path.iterdir())
 
 
 def test_evaluate_needs_a_trained_run(tmp_path):

@@ -15,8 +15,14 @@ depth schedules (a trained run's per-step decisions on another model shape).
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -92,6 +98,40 @@ def peak_memory() -> dict:
   return out
 
 
+def periodic_schedules(patterns: Sequence[str], max_new_tokens: int, num_exits: int) -> dict:
+  """Forced depth schedules from digit patterns repeated over the N steps ('03': exit 0, then the final
+  layer, alternating; E = the final layer): {pattern: int[N]}. Raises ValueError naming a bad pattern."""
+  schedules = {}
+  for pattern in patterns:
+    if not pattern or not pattern.isdigit() or max(int(c) for c in pattern) > num_exits:
+      raise ValueError(f'schedule pattern {pattern!r} must be digits 0..{num_exits} (exit index; {num_exits} = the '
+                       'final layer)')
+    schedules[pattern] = [int(pattern[t % len(pattern)]) for t in range(max_new_tokens)]
+  return schedules
+
+
+def executed_ops(run, compiled, calls: int = 2) -> float | None:
+  """XLA ops one call of `run` executes, on CPU (mean over `calls` profiled calls); None on other backends.
+
+  On XLA:CPU every executed op (a fusion, a dot, a conditional, each pass of a loop body's ops) costs
+  microseconds whatever its size, so at small widths a call's time follows this count more than its FLOPs;
+  unlike a timing it does not drift with the machine. Counted from a `jax.profiler` trace: the events named
+  after an instruction of `compiled` (its HLO).
+  """
+  if jax.default_backend() != 'cpu':
+    return None
+  names = set(re.findall(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=', compiled.as_text(), re.M))
+  jax.block_until_ready(run())
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      for _ in range(calls):
+        jax.block_until_ready(run())
+    path, = glob.glob(os.path.join(directory, '**', '*.trace.json.gz'), recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)['traceEvents']
+  return sum(e.get('ph') == 'X' and e.get('name') in names for e in events) / calls
+
+
 def _seconds(run) -> float:
   start = time.perf_counter()
   jax.block_until_ready(run())
@@ -120,7 +160,7 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
                        batch_size: int, prompt_length: int, max_new_tokens: int, repeats: int,
                        thresholds: Sequence[float] = (0.0, conf_lib.NEVER_EXIT),
                        schedules: dict | None = None, seed: int = 0, prompt_vocab: int | None = None,
-                       per_step: bool = True) -> dict:
+                       per_step: bool = True, op_counts: bool = False) -> dict:
   """Full-depth vs early-exit decoding on random prompt ids, against the weight-bytes ideal (`cost`).
 
   Args:
@@ -132,13 +172,15 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
     schedules: name -> int[N] depth schedule to replay (`EarlyExitDecoder.__call__`'s depth_schedule).
     prompt_vocab: prompt ids are drawn from [0, prompt_vocab) (default: the embedding table size).
     per_step: also time 1-token calls, so a decode step's cost is (time of N tokens - time of 1) / (N - 1).
+    op_counts: also count the XLA ops a call executes (`executed_ops`; CPU only, else None).
 
   Returns:
     {'batch_size', 'prompt_length', 'max_new_tokens', 'repeats', 'full': {...}, 'early_exit': {name: {...}}}:
     per decoder the median 'seconds' of a call, 'tokens_per_s', 'compile_s' and, with per_step, 'step_s';
     per early-exit setting also 'speedup' (full / these seconds), 'ideal' (full / these weight bytes, the
     whole call), 'share_of_ideal', the same per decode step ('step_speedup', 'step_ideal',
-    'step_share_of_ideal'), 'speedup_layers' and 'mean_exit_index'.
+    'step_share_of_ideal'), 'speedup_layers' and 'mean_exit_index'; with op_counts, per decoder 'ops_per_call'
+    and per early-exit setting 'ops_ratio' (full's ops / these).
   """
   ids, valid = _random_prompt(stack, batch_size, prompt_length, seed, prompt_vocab)
   lengths = (max_new_tokens, 1) if per_step and max_new_tokens > 1 else (max_new_tokens,)
@@ -158,9 +200,11 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
 
   runs = {('full', n): (lambda n=n: full[n](lm_params, None, ids, valid).tokens) for n in lengths}
   runs.update({(name, n): call(n, setting) for name, setting in settings.items() for n in lengths})
-  compile_s = {'full': full[max_new_tokens].compile(lm_params, None, ids, valid)[1],
-               'early_exit': early[max_new_tokens].compile(lm_params, exit_params, ids, valid)[1]}
+  compiled = {'full': full[max_new_tokens].compile(lm_params, None, ids, valid),
+              'early_exit': early[max_new_tokens].compile(lm_params, exit_params, ids, valid)}
+  compile_s = {name: c[1] for name, c in compiled.items()}
   seconds = interleaved_medians(runs, repeats)
+  ops = lambda name, kind: executed_ops(runs[(name, max_new_tokens)], compiled[kind][0])
 
   def timing(name):
     out = {'seconds': seconds[(name, max_new_tokens)],
@@ -172,6 +216,8 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
   result = {'batch_size': batch_size, 'prompt_length': prompt_length, 'max_new_tokens': max_new_tokens,
             'repeats': repeats, 'weight_bytes': dataclasses.asdict(weights),
             'full': {**timing('full'), 'compile_s': compile_s['full']}, 'early_exit': {}}
+  if op_counts:
+    result['full']['ops_per_call'] = ops('full', 'full')
   full_timing = result['full']
   for name, setting in settings.items():
     outs = {n: jax.device_get(decode(n, setting)) for n in lengths}
@@ -187,6 +233,9 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
              'mean_exit_index': float(np.asarray(out.exit_index).mean()),
              'step_depths': depth.tolist()}
     entry['share_of_ideal'] = entry['speedup'] / entry['ideal']
+    if op_counts:
+      entry['ops_per_call'] = ops(name, 'early_exit')
+      entry['ops_ratio'] = result['full']['ops_per_call'] / entry['ops_per_call'] if entry['ops_per_call'] else None
     if len(lengths) == 2:
       one = outs[1]
       step_bytes = (bytes_n - weights.decode(one.segment_passes, one.step_depth, int(one.num_steps))) / (steps - 1)

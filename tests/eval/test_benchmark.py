@@ -50,6 +50,23 @@ def test_benchmark_reports_speedups_against_the_ideal():
     assert entry['share_of_ideal'] == pytest.approx(entry['speedup'] / entry['ideal'])
 
 
+def test_op_counts_follow_the_depth_and_patterns_repeat():
+  stack, lm_params, exit_params = benchmark.random_model(TINY, EXITS)
+  patterns = benchmark.periodic_schedules(['0', '02'], 3, len(EXITS))
+  assert patterns == {'0': [0, 0, 0], '02': [0, 2, 0]}
+  result = benchmark.benchmark_decoding(stack, lm_params, exit_params, EXITS, batch_size=1, prompt_length=4,
+                                        max_new_tokens=3, repeats=1, thresholds=(0.0, confidence.NEVER_EXIT),
+                                        schedules=patterns, per_step=False, op_counts=True)
+  ops = {name: entry['ops_per_call'] for name, entry in result['early_exit'].items()}
+  assert ops['0'] == ops['0.0']  # the pattern and the threshold make the same decisions
+  # Exit 0 everywhere runs fewer ops than the exit-free decoder; never exiting runs more (the exits on top).
+  assert ops['0'] < result['full']['ops_per_call'] < ops[str(confidence.NEVER_EXIT)]
+  assert ops['0'] < ops['02'] < ops[str(confidence.NEVER_EXIT)]
+  assert result['early_exit']['0']['ops_ratio'] == pytest.approx(result['full']['ops_per_call'] / ops['0'])
+  with pytest.raises(ValueError, match="schedule pattern '03' must be digits 0..2"):
+    benchmark.periodic_schedules(['03'], 3, len(EXITS))
+
+
 def test_replayed_schedules_and_accelerator_report():
   replays = benchmark.replay_schedules([[0, 3], [0, 3], [3, 0, 1], [0, 3]], max_new_tokens=3, top=2)
   assert replays == {'replay_0-3': {'schedule': [0, 3, -1], 'count': 3},
