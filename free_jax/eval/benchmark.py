@@ -110,17 +110,21 @@ def periodic_schedules(patterns: Sequence[str], max_new_tokens: int, num_exits: 
   return schedules
 
 
-def executed_ops(run, compiled, calls: int = 2) -> float | None:
+def instruction_names(compiled) -> frozenset:
+  """The names of a compiled executable's HLO instructions (what `executed_ops` counts in a trace)."""
+  return frozenset(re.findall(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=', compiled.as_text(), re.M))
+
+
+def executed_ops(run, names: frozenset, calls: int = 2) -> float | None:
   """XLA ops one call of `run` executes, on CPU (mean over `calls` profiled calls); None on other backends.
 
   On XLA:CPU every executed op (a fusion, a dot, a conditional, each pass of a loop body's ops) costs
   microseconds whatever its size, so at small widths a call's time follows this count more than its FLOPs;
   unlike a timing it does not drift with the machine. Counted from a `jax.profiler` trace: the events named
-  after an instruction of `compiled` (its HLO).
+  after an instruction of the executable `run` calls (`names`, from `instruction_names`).
   """
   if jax.default_backend() != 'cpu':
     return None
-  names = set(re.findall(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=', compiled.as_text(), re.M))
   jax.block_until_ready(run())
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory):
@@ -204,7 +208,9 @@ def benchmark_decoding(stack, lm_params: PyTree, exit_params: PyTree, exit_layer
               'early_exit': early[max_new_tokens].compile(lm_params, exit_params, ids, valid)}
   compile_s = {name: c[1] for name, c in compiled.items()}
   seconds = interleaved_medians(runs, repeats)
-  ops = lambda name, kind: executed_ops(runs[(name, max_new_tokens)], compiled[kind][0])
+  if op_counts:  # each executable's HLO parsed once, not once per setting it runs
+    names = {kind: instruction_names(c[0]) for kind, c in compiled.items()}
+    ops = lambda name, kind: executed_ops(runs[(name, max_new_tokens)], names[kind])
 
   def timing(name):
     out = {'seconds': seconds[(name, max_new_tokens)],
