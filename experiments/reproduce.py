@@ -1,11 +1,11 @@
 r"""The reproduction study (free_jax.reproduce): FREE vs baselines over label fractions, one shared backbone.
 
-  python experiments/reproduce.py --workdir=workdir/vqa                      # full grid, <= 60 min on 2 CPUs
+  python experiments/reproduce.py --workdir=workdir/study                    # full grid, <= 60 min on 2 CPUs
   python experiments/reproduce.py --workdir=/tmp/repro --grid=smoke --out=/tmp/repro/results
-  python experiments/reproduce.py --workdir=workdir/vqa --seeds=0,1,2         # more replicates
+  python experiments/reproduce.py --workdir=workdir/study --seeds=0,1,2       # more replicates
 
-The workdir's backbone (``WORKDIR/backbone``, the one experiments/train.py trains) is reused, or trained
-first. Rows go to ``WORKDIR/reproduce/``; a re-run reuses every finished row. Results: OUT/reproduction.json,
+It runs on the small shipped backbone (experiments/configs/vqa.py:small) unless --config says otherwise; an
+embedded config's backbone (``WORKDIR/backbone``, as experiments/train.py trains it) is reused, or trained first. Rows go to ``WORKDIR/reproduce/``; a re-run reuses every finished row. Results: OUT/reproduction.json,
 OUT/reproduction.md and PNGs. docs/reproduction.md describes the grid.
 """
 
@@ -20,7 +20,8 @@ from ml_collections import config_flags
 from free_jax import cli
 from free_jax import reproduce
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/vqa.py', 'Experiment config file.',
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/vqa.py:small',
+                                          'Experiment config file (default: the small shipped backbone).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Study directory (its backbone/ is shared with train.py).')
 _GRID = flags.DEFINE_enum('grid', 'full', list(reproduce.GRIDS), 'Which study grid to run.')

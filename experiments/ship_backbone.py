@@ -17,13 +17,18 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run of experiments/t
 _OUT = flags.DEFINE_string('out', configs.SHIPPED_BACKBONE, 'The shipped directory.')
 _COMMAND = flags.DEFINE_string('command', None, 'The exact command that trained the run (recorded).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing shipped directory.')
+_LM_DTYPE = flags.DEFINE_enum('lm_dtype', 'float32', list(shipped.LM_DTYPES),
+                              'Stored dtype of the language model (bfloat16 halves the file).')
+_EVALUATED_BY = flags.DEFINE_string('evaluated_by', None, 'A finished train.py run on exactly the shipped weights '
+                                    "whose eval/summary.json gives the record's test figures (default: --workdir).")
 flags.mark_flags_as_required(['workdir', 'command'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  record = cli.run_or_exit(shipped.ship, _WORKDIR.value, _OUT.value, _COMMAND.value, _OVERWRITE.value)
+  record = cli.run_or_exit(shipped.ship, _WORKDIR.value, _OUT.value, _COMMAND.value, _OVERWRITE.value,
+                           _LM_DTYPE.value, _EVALUATED_BY.value)
   print(f"shipped {_OUT.value}: fingerprint {record['fingerprint']}, commit {record['commit']}")
 
 

@@ -13,8 +13,13 @@ TASKS = ('vqa', 'caption')
 DATA_SOURCES = ('sort_of_clevr', 'clevr', 'coco_captions', 'vqav2')
 FREE_MODES = ('semi_supervised', 'unsupervised_kd', 'unsupervised_pseudo', 'ce_only', 'kd_only', 'cosine')
 CONFIDENCE_MEASURES = ('max_prob', 'top2_margin', 'entropy', 'patience')
-# The embedded BLIP-2 shipped with the project (free_jax.shipped; docs/backbone.md): the default backbone.
-SHIPPED_BACKBONE = str(pathlib.Path(__file__).resolve().parents[1] / 'assets' / 'sort_of_clevr_blip2')
+# The embedded BLIP-2s shipped with the project (free_jax.shipped; docs/backbone.md): the default one, whose LM
+# is wide enough (512) for a decode step to cost bytes and FLOPs as on an accelerator, and the small fast one
+# (width 128, ':small') for the reproduction study and quick experiments.
+_ASSETS = pathlib.Path(__file__).resolve().parents[1] / 'assets'
+SHIPPED_BACKBONE = str(_ASSETS / 'sort_of_clevr_blip2')
+SMALL_BACKBONE = str(_ASSETS / 'sort_of_clevr_blip2_small')
+CONFIG_ARGS = ('', 'smoke', 'small')
 
 
 def embedded_backbone() -> ml_collections.ConfigDict:
@@ -62,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone_train.caption_every = 2     # every k-th step trains on the same scenes' captions (sort_of_clevr only;
                                          # 0 = never): naming each object teaches the LM to read the image tokens
   c.backbone_train.checkpoint_every = 500  # steps between orbax checkpoints of the backbone stage
+  c.backbone_train.grow_from = ''        # '' (random init) or a local HF BLIP-2 directory with a narrower OPT LM
+                                         # (same vision side and depth) widened to model.embedded without changing
+                                         # its function (training/growth.py), then trained on
+  c.backbone_train.grow_split_noise = 0.5  # random split of the grown weights over their copies, in [0, 1):
+                                           # keeps the function and lets the copies diverge in training
 
   c.data = ml_collections.ConfigDict()
   c.data.task = 'vqa'                # one of TASKS
@@ -104,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 25             # steps between metrics.jsonl / TensorBoard records
   c.train.checkpoint_every = 200     # steps between orbax checkpoints
   c.train.keep_checkpoints = 3       # orbax max_to_keep
+  c.train.cache_features = False     # True: run the frozen backbone once per example and reuse its exit inputs and
+                                     # final states every epoch (training/frozen_features.py; decoder-only backbones
+                                     # on one host; host RAM N x (E + 1) x T x D float32); False: every step
   c.train.backbone_sharding = 'replicated'  # frozen backbone placement: 'replicated' or 'fsdp' (training/sharding.py)
 
   c.eval = ml_collections.ConfigDict()
@@ -127,10 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def use_shipped_backbone(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The embedded benchmark's backbone: the one shipped in assets/ (`free_jax.shipped`, docs/backbone.md), so a
+def use_shipped_backbone(c: ml_collections.ConfigDict, path: str = SHIPPED_BACKBONE) -> ml_collections.ConfigDict:
+  """The embedded benchmark's backbone: one shipped in assets/ (`free_jax.shipped`, docs/backbone.md), so a
   run trains only the exits. ``--config.model.source=embedded`` (and `:smoke`) trains one here instead."""
-  c.model.source, c.model.pretrained_path = 'pretrained', SHIPPED_BACKBONE
+  c.model.source, c.model.pretrained_path = 'pretrained', path
+  c.train.cache_features = True  # a few GiB at most: the exit stage runs only the exits
   return c
 
 
@@ -157,13 +171,18 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def finalize(c: ml_collections.ConfigDict, arg: str,
              smoke_overrides=None) -> ml_collections.ConfigDict:
-  """Applies the config argument ('' or 'smoke', then `smoke_overrides(c)`) and locks the config."""
+  """Applies the config argument (`CONFIG_ARGS`: '', 'smoke' then `smoke_overrides(c)`, or 'small': the small
+  shipped backbone instead of the default one) and locks the config."""
   if arg == 'smoke':
     smoke(c)
     if smoke_overrides is not None:
       smoke_overrides(c)
+  elif arg == 'small':
+    if c.model.pretrained_path != SHIPPED_BACKBONE:
+      raise ValueError("config argument 'small' swaps the shipped default backbone, which this config does not use")
+    use_shipped_backbone(c, SMALL_BACKBONE)
   elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; expected '' or 'smoke'")
+    raise ValueError(f'unknown config argument {arg!r}; expected one of {CONFIG_ARGS}')
   c.lock()
   return c
 

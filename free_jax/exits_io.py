@@ -19,8 +19,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -28,6 +26,7 @@ import numpy as np
 import safetensors.numpy
 
 from free_jax import exits as exits_lib
+from free_jax import owned_dir
 from free_jax.models.hf_tensors import read_json
 
 PyTree = Any
@@ -127,29 +126,24 @@ def _unflatten(flat: dict[str, np.ndarray]) -> PyTree:
   return tree
 
 
+EXITS_OUTPUT = owned_dir.Output('exits', META_FILE, (META_FILE, TENSORS_FILE))
+
+
 def save_exits(directory, exit_params: PyTree, meta: ExitsMeta, overwrite: bool = False) -> pathlib.Path:
   """Writes exit params (stacked form, `exits.init_exit_params`) and `meta` to `directory` atomically.
 
-  Raises FileExistsError (one line) when `directory` already holds exits and not `overwrite`.
+  Raises FileExistsError (one line) when `directory` already holds exits and not `overwrite`, and always when it
+  holds anything else (`owned_dir`: a workdir, a folder of other files, the current directory).
   """
-  directory = pathlib.Path(directory)
   num = jax.tree.leaves(exit_params['layers'])[0].shape[0]
   if num != len(meta.exit_layers):
     raise ValueError(f'exit_params hold {num} exits but meta.exit_layers={meta.exit_layers}')
-  if (directory / META_FILE).exists() and not overwrite:
-    raise FileExistsError(f'{directory} already holds exits; pass overwrite=True to replace them')
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.', suffix='.partial', dir=directory.parent))
-  try:
+
+  def write(tmp: pathlib.Path) -> None:
     safetensors.numpy.save_file(_flatten(exit_params), str(tmp / TENSORS_FILE), metadata={'format': FORMAT})
     (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=1, sort_keys=True))
-    os.chmod(tmp, 0o755)
-    if directory.exists():
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return directory
+
+  return owned_dir.write_directory(directory, EXITS_OUTPUT, write, overwrite)
 
 
 def load_exits(directory) -> tuple[PyTree, ExitsMeta]:

@@ -27,11 +27,8 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import re
-import secrets
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,8 +37,9 @@ import numpy as np
 import safetensors.numpy
 import transformers
 
+from free_jax import owned_dir
 from free_jax.models.blip2 import Blip2Config, Blip2Model
-from free_jax.models.hf_tensors import TensorSource, linear
+from free_jax.models.hf_tensors import HF_CHECKPOINT_PATTERNS, TensorSource, linear
 from free_jax.models.lm_api import PyTree
 from free_jax.models.opt import OPTConfig, opt_params_from_hf
 from free_jax.models.qformer import qformer_params_from_hf
@@ -52,7 +50,6 @@ _SINGLE = 'model.safetensors'
 _INDEX = 'model.safetensors.index.json'
 _SHARD = 'model-{:05d}-of-{:05d}.safetensors'
 # Files whose presence makes a directory a checkpoint that only `overwrite=True` replaces.
-_CHECKPOINT_FILES = ('config.json', _SINGLE, _INDEX)
 # Our config field -> its HF name, where they differ (everything else is named as in HF).
 _HF_FIELD_NAMES = {OPTConfig: {'remove_final_layer_norm': '_remove_final_layer_norm'}}
 _IMAGE_TOKEN = '<image>'  # what `Blip2Processor` uses for a tokenizer without an ``image_token``.
@@ -364,19 +361,7 @@ def _write_tensors(tensors: dict[str, np.ndarray], directory: pathlib.Path, max_
   (directory / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + '\n')
 
 
-def _holds_checkpoint(directory: pathlib.Path) -> bool:
-  return any((directory / f).exists() for f in _CHECKPOINT_FILES) or any(directory.glob('*.safetensors'))
-
-
-def _check_target(directory: pathlib.Path, overwrite: bool) -> None:
-  if directory.exists() and not directory.is_dir():
-    raise FileExistsError(f'{directory} exists and is not a directory')
-  if not directory.is_dir() or not any(directory.iterdir()):
-    return
-  if not _holds_checkpoint(directory):
-    raise FileExistsError(f'{directory} is not empty and holds no checkpoint; not replacing it')
-  if not overwrite:
-    raise FileExistsError(f'{directory} already holds a checkpoint; pass overwrite=True to replace it')
+CHECKPOINT_OUTPUT = owned_dir.Output('an HF checkpoint', 'config.json', HF_CHECKPOINT_PATTERNS)
 
 
 def save_pretrained(model: Blip2Model, params: PyTree, directory, tokenizer=None, *,
@@ -403,7 +388,7 @@ def save_pretrained(model: Blip2Model, params: PyTree, directory, tokenizer=None
     max_shard_size: None for a single ``model.safetensors``; bytes or a size like '2GB' for shards
       with an index, as HF writes them.
     overwrite: replace `directory` if it already holds a checkpoint (the whole directory is replaced).
-      A non-empty directory that holds no checkpoint is never replaced.
+      A non-empty directory that holds anything else is never replaced (`owned_dir`).
 
   Returns:
     The checkpoint directory.
@@ -413,7 +398,7 @@ def save_pretrained(model: Blip2Model, params: PyTree, directory, tokenizer=None
     ValueError: params do not match the model, or the tokenizer / image processor do not match it.
   """
   config = model.config
-  directory = pathlib.Path(os.path.abspath(directory))  # '.' and 'a/..' have no usable name or parent
+  owned_dir.check_target(directory, CHECKPOINT_OUTPUT, overwrite)  # before converting anything
   tensors = blip2_params_to_hf(params, config)
   lm_dtype = tensors['language_projection.weight'].dtype
   hf_config = hf_blip2_config(config, lm_dtype)
@@ -422,13 +407,8 @@ def save_pretrained(model: Blip2Model, params: PyTree, directory, tokenizer=None
     _check_tokenizer(config, tokenizer)
   if max_shard_size is not None:
     _shard_bytes(max_shard_size)
-  _check_target(directory, overwrite)
 
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = directory.parent / f'.{directory.name}.{secrets.token_hex(4)}.partial'
-  tmp.mkdir()  # not tempfile.mkdtemp: that makes it private (0700), HF checkpoints follow the umask
-  old = None
-  try:
+  def write(tmp: pathlib.Path) -> None:
     hf_config.save_pretrained(tmp)
     transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
     processor_image.save_pretrained(tmp)  # preprocessor_config.json
@@ -438,16 +418,5 @@ def save_pretrained(model: Blip2Model, params: PyTree, directory, tokenizer=None
                                               num_query_tokens=config.num_query_tokens)
       processor.save_pretrained(tmp)
     _write_tensors(tensors, tmp, max_shard_size)
-    if directory.exists():
-      _check_target(directory, overwrite)  # unchanged since the check above
-      old = pathlib.Path(f'{tmp}.old')
-      os.rename(directory, old)
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None and old.exists() and not directory.exists():
-      os.rename(old, directory)
-    raise
-  if old is not None:
-    shutil.rmtree(old)
-  return directory
+
+  return owned_dir.write_directory(directory, CHECKPOINT_OUTPUT, write, overwrite)

@@ -1,7 +1,7 @@
 """`make report`: every figure the README quotes, regenerated from fresh runs by one command.
 
-`make_report(workdir)` runs (or reuses, when finished with the same settings) the default VQA run, the caption
-run and the reproduction study on the shipped backbone, then writes
+`make_report(workdir)` runs (or reuses, when finished with the same settings) the default VQA run and the caption
+run on the shipped default backbone and the reproduction study on the small one, then writes
 
   docs/results.md   the default run per question type and layer, both runs' quality vs measured speedup, the
                     study's table and claims, each with the command and commit that made it;
@@ -34,10 +34,11 @@ FIGURES_DIR = 'figures'
 
 @dataclasses.dataclass(frozen=True)
 class Runs:
-  """The report's inputs: the two experiment configs and the study grid."""
+  """The report's inputs: the two runs' experiment configs, the study's config and its grid."""
 
   vqa: ml_collections.ConfigDict
   caption: ml_collections.ConfigDict
+  study: ml_collections.ConfigDict
   grid: reproduce.Grid
 
 
@@ -94,8 +95,9 @@ def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | 
   """Runs (or reuses) everything and writes the report (module docstring); returns the summaries.
 
   Args:
-    runs: the configs and the grid (experiments/report.py: experiments/configs/{vqa,caption}.py, 3 seeds).
-    workdir: holds ``vqa/`` (with the study in ``vqa/reproduce/``) and ``caption/``.
+    runs: the configs and the grid (experiments/report.py: experiments/configs/{vqa,caption}.py, the study on
+      vqa.py:small, 3 seeds).
+    workdir: holds ``vqa/``, ``caption/`` and ``study/`` (its rows in ``study/reproduce/``).
     docs_dir: where results.md and figures/ go.
     readme: the README whose marked section is rewritten (None: left alone).
     results_dir: the study's output (`reproduce.write_results`).
@@ -108,7 +110,7 @@ def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | 
       raise ValueError(f'{readme} has no {BEGIN} ... {END} section to regenerate')
   for config in (runs.vqa, runs.caption):
     pipeline.validate_config(config)
-  reproduce.validate(runs.vqa, runs.grid)
+  reproduce.validate(runs.study, runs.grid)
   made_at = shipped.commit()
   summaries = {}
   for name, config in (('vqa', runs.vqa), ('caption', runs.caption)):
@@ -116,7 +118,7 @@ def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | 
     summaries[name] = pipeline.train_and_evaluate(config, os.path.join(workdir, name),
                                                   evaluators=[evaluator.early_exit_evaluation])
   log('[report] reproduction study')
-  rows = reproduce.run_study(runs.vqa, os.path.join(workdir, 'vqa'), runs.grid, out_dir=results_dir, log=log)
+  rows = reproduce.run_study(runs.study, os.path.join(workdir, 'study'), runs.grid, out_dir=results_dir, log=log)
 
   figures = os.path.join(docs_dir, FIGURES_DIR)
   os.makedirs(figures, exist_ok=True)

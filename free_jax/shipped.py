@@ -18,14 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import subprocess
-import tempfile
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from free_jax.models.hf_tensors import read_json
+from free_jax import owned_dir
+from free_jax.models.hf_tensors import HF_CHECKPOINT_PATTERNS, read_json
 
 RECORD_FILE = 'made_by.json'
 CURVES_FILE = 'training_curves.png'
@@ -98,16 +99,52 @@ def plot_curves(records: list[dict], path: str, caption_every: int) -> str:
   return path
 
 
-def ship(workdir: str, out_dir: str, command: str, overwrite: bool = False) -> dict:
-  """Copies a finished embedded run's backbone into `out_dir` with its record (module docstring).
+LM_DTYPES = ('float32', 'bfloat16')
+SHIPPED_OUTPUT = owned_dir.Output('a shipped backbone', RECORD_FILE, (*HF_CHECKPOINT_PATTERNS, CURVES_FILE))
+
+
+def _stored_lm(params: dict, lm_dtype: str) -> dict:
+  """The params with the language model (and its input projection) in `lm_dtype`: what the shipped file holds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, lm_dtype), tree)
+  return dict(params, language_model=cast(params['language_model']),
+              language_projection=cast(params['language_projection']))
+
+
+def _test_record(evaluated_by: str, fingerprint: str) -> dict | None:
+  """The test figures of a run whose exits were trained on exactly the shipped weights (None without one)."""
+  from free_jax import exits_io  # pylint: disable=g-import-not-at-top
+  summary_path = os.path.join(evaluated_by, 'eval', 'summary.json')
+  meta_path = os.path.join(evaluated_by, 'exits')
+  if not os.path.isfile(summary_path) or not os.path.isdir(meta_path):
+    return None
+  _, meta = exits_io.load_exits(meta_path)
+  if meta.backbone_fingerprint != fingerprint:
+    return None  # evaluated on other weights (e.g. float32 before a bfloat16 ship): not this backbone's figures
+  summary = read_json(summary_path)
+  return {'quality_full': summary['quality_full'], 'per_type': summary.get('per_type', {}),
+          'per_layer_quality_naive': summary['per_layer_quality_naive'], 'num_test': summary['num_test'],
+          'test_seed': summary['test_seed'], 'evaluated_by': os.path.basename(os.path.abspath(evaluated_by))}
+
+
+def ship(workdir: str, out_dir: str, command: str, overwrite: bool = False, lm_dtype: str = 'float32',
+         evaluated_by: str | None = None) -> dict:
+  """Writes a finished embedded run's backbone into `out_dir` with its record (module docstring).
 
   Args:
     workdir: a run of experiments/train.py with ``model.source='embedded'`` (its backbone is finished).
     out_dir: where the shipped directory goes (e.g. `configs.SHIPPED_BACKBONE`).
     command: the exact command that trained the run (recorded).
     overwrite: replace an existing `out_dir`; without it an existing one is refused (nothing is lost).
+    lm_dtype: the stored dtype of the language model's weights ('bfloat16' halves the file; the vision
+      encoder and Q-Former stay float32). Runs on the shipped backbone compute with the stored values.
+    evaluated_by: a finished train.py run whose ``eval/summary.json`` gives the record's test figures; used
+      only if its exits were trained on exactly the shipped weights (default `workdir`, which qualifies when
+      nothing is cast). A bfloat16 ship is evaluated by a run on the shipped directory, then shipped again.
   """
-  from free_jax import exits_io, weights  # pylint: disable=g-import-not-at-top  (lazy: transformers)
+  from free_jax import exits_io, export, weights  # pylint: disable=g-import-not-at-top  (lazy: transformers)
+  from free_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from free_jax.training import logging as metrics_logging  # pylint: disable=g-import-not-at-top
 
   source = os.path.join(workdir, 'backbone', 'hf')
@@ -115,42 +152,35 @@ def ship(workdir: str, out_dir: str, command: str, overwrite: bool = False) -> d
     raise ValueError(f'{source} holds no exported backbone: the embedded backbone of {workdir} is not finished')
   if os.path.exists(out_dir) and not overwrite:
     raise ValueError(f'{out_dir} exists: pass overwrite=True (--overwrite) to replace the shipped backbone')
+  if lm_dtype not in LM_DTYPES:
+    raise ValueError(f'lm_dtype={lm_dtype!r}; expected one of {LM_DTYPES}')
   config = read_json(os.path.join(workdir, 'config.json'))
   if config['model']['source'] != 'embedded':
     raise ValueError(f"{workdir} did not train its backbone (model.source={config['model']['source']!r})")
-  _, params = weights.load_pretrained(source)
-  record = {'command': command, 'commit': commit(), 'fingerprint': exits_io.fingerprint(params),
+  model, params = weights.load_pretrained(source)
+  if lm_dtype != 'float32':
+    params = _stored_lm(params, lm_dtype)
+  fingerprint = exits_io.fingerprint(params)  # float32 bytes: equal to the stored weights read back
+  record = {'command': command, 'commit': commit(), 'fingerprint': fingerprint, 'lm_dtype': lm_dtype,
             'model': config['model']['embedded'], 'backbone_train': config['backbone_train'],
             'data': {k: config['data'][k] for k in ('source', 'task', 'seed', 'max_text_length')},
             'seed': config['seed']}
-  summary_path = os.path.join(workdir, 'eval', 'summary.json')
-  if os.path.isfile(summary_path):
-    summary = read_json(summary_path)
-    record['test'] = {'quality_full': summary['quality_full'], 'per_type': summary.get('per_type', {}),
-                      'per_layer_quality_naive': summary['per_layer_quality_naive'],
-                      'num_test': summary['num_test'], 'test_seed': summary['test_seed']}
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix='.shipping-')
-  try:
-    for name in os.listdir(source):
-      shutil.copy2(os.path.join(source, name), staging)
-    record['files'] = file_hashes(staging)
-    plot_curves(metrics_logging.read_metrics(os.path.join(workdir, 'backbone')), os.path.join(staging, CURVES_FILE),
-                config['backbone_train']['caption_every'])
-    with open(os.path.join(staging, RECORD_FILE), 'w') as f:
-      json.dump(record, f, indent=1, sort_keys=True)
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the shipped files are for everyone to read
-    for name in os.listdir(staging):
-      os.chmod(os.path.join(staging, name), 0o644)
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(dir=parent, prefix='.replaced-')
-      os.replace(out_dir, os.path.join(old, 'backbone'))
-      os.replace(staging, out_dir)
-      shutil.rmtree(old)
+  test = _test_record(evaluated_by or workdir, fingerprint)
+  if test is not None:
+    record['test'] = test
+  def write(staging: pathlib.Path) -> None:
+    if lm_dtype == 'float32':
+      for name in os.listdir(source):
+        shutil.copy2(os.path.join(source, name), staging)
     else:
-      os.replace(staging, out_dir)
-  finally:
-    if os.path.exists(staging):
-      shutil.rmtree(staging)
+      exported = export.save_pretrained(model, params, staging / 'export', tokenizer_lib.load_tokenizer(source))
+      for name in os.listdir(exported):
+        os.replace(exported / name, staging / name)
+      os.rmdir(exported)
+    record['files'] = file_hashes(str(staging))
+    plot_curves(metrics_logging.read_metrics(os.path.join(workdir, 'backbone')), str(staging / CURVES_FILE),
+                config['backbone_train']['caption_every'])
+    (staging / RECORD_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+  owned_dir.write_directory(out_dir, SHIPPED_OUTPUT, write, overwrite)
   return record

@@ -192,7 +192,7 @@ def test_refuses_to_overwrite_a_checkpoint_unless_asked(opt_model, tmp_path):
   model, params = opt_model
   path = free_jax.save_pretrained(model, params, tmp_path / 'ckpt')
   before = {f: (path / f).read_bytes() for f in os.listdir(path)}
-  refusal = f'^{re.escape(str(path))} already holds a checkpoint; pass overwrite=True to replace it$'
+  refusal = f'^{re.escape(str(path))} already holds an HF checkpoint; pass overwrite=True to replace it$'
   with pytest.raises(FileExistsError, match=refusal):
     free_jax.save_pretrained(model, _perturbed(params), path)
   assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
@@ -204,9 +204,13 @@ def test_refuses_to_overwrite_a_checkpoint_unless_asked(opt_model, tmp_path):
 
   (tmp_path / 'notes').mkdir()
   (tmp_path / 'notes' / 'todo.txt').write_text('keep me')
-  with pytest.raises(FileExistsError, match='notes is not empty and holds no checkpoint'):
+  with pytest.raises(FileExistsError, match='notes is not empty and has no config.json: it is not an HF checkpoint'):
     free_jax.save_pretrained(model, params, tmp_path / 'notes', overwrite=True)
   assert os.listdir(tmp_path / 'notes') == ['todo.txt']
+  (path / 'runs').mkdir()  # a checkpoint with something of the user's beside it is not only a checkpoint
+  with pytest.raises(FileExistsError, match="ckpt is not empty and holds 'runs': it is not an HF checkpoint"):
+    free_jax.save_pretrained(model, params, path, overwrite=True)
+  assert (path / 'runs').is_dir()
   (tmp_path / 'empty').mkdir()
   free_jax.save_pretrained(model, params, tmp_path / 'empty')  # an empty directory is fine
   _assert_bit_identical(free_jax.load_pretrained(tmp_path / 'empty')[1], params)

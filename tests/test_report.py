@@ -11,14 +11,14 @@ from free_jax.training import pipeline
 from tests.conftest import ROOT
 
 SMOKE = ('--config=experiments/configs/vqa.py:smoke', '--caption_config=experiments/configs/caption.py:smoke',
-         '--grid=smoke')
+         '--study_config=experiments/configs/vqa.py:smoke', '--grid=smoke')
 
 
 def test_report_regenerates_docs_readme_and_is_deterministic(smoke_run, smoke_study, tmp_path):
   workdir = tmp_path / 'runs'
   # The study rows of the same smoke grid are reused (`reproduce.run_study` keeps finished rows); the two
   # runs are trained from scratch.
-  shutil.copytree(smoke_study / 'reproduce', workdir / 'vqa' / 'reproduce')
+  shutil.copytree(smoke_study / 'reproduce', workdir / 'study' / 'reproduce')
   readme = tmp_path / 'README.md'
   readme.write_text(f'# title\n\nbefore\n{report.BEGIN}\nstale figures\n{report.END}\nafter\n')
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))

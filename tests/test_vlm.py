@@ -1,6 +1,7 @@
 """`free_jax.EarlyExitVLM` on a finished `:smoke` run: load, generate in three modes, share the exits."""
 
 import json
+import shutil
 import os
 import pathlib
 import subprocess
@@ -90,6 +91,31 @@ def test_exits_round_trip_through_save_and_from_pretrained(smoke_run, vlm, tmp_p
   exit_params, _ = exits_io.load_exits(tmp_path / 'exits')
   for a, b in zip(*(sorted(exits_io._flatten(t).items()) for t in (exit_params, vlm.exit_params))):
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_save_exits_never_replaces_what_it_did_not_write(smoke_run, vlm, tmp_path, monkeypatch):
+  workdir = tmp_path / 'workdir_copy'
+  shutil.copytree(smoke_run[0], workdir)
+  notes = tmp_path / 'notes'
+  (notes / 'sub').mkdir(parents=True)
+  (notes / 'notes.txt').write_text('mine')
+  here = tmp_path / 'here'
+  here.mkdir()
+  (here / 'data.csv').write_text('1,2')
+  monkeypatch.chdir(here)
+  for target, message in ((workdir, "holds 'backbone' and .* more entries: it is not exits written here"),
+                          (notes, "holds 'notes.txt' and 1 more entries: it is not exits written here"),
+                          ('.', 'is the current directory')):
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*'))
+    for overwrite in (False, True):
+      with pytest.raises(FileExistsError, match=message) as error:
+        vlm.save_exits(target, overwrite=overwrite)
+      assert '\n' not in str(error.value)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == before
+  vlm.save_exits(tmp_path / 'exits')
+  vlm.save_exits(tmp_path / 'exits', overwrite=True)  # a previous output of save_exits may be replaced
+  modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / 'exits').iterdir()}
+  assert len(set(modes.values())) == 1, modes  # tensors as readable as the JSON beside them
 
 
 def test_exits_of_another_backbone_are_refused(smoke_run, vlm, tmp_path):

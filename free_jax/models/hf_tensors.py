@@ -16,6 +16,11 @@ import jax
 import numpy as np
 
 
+# Every file an HF BLIP-2 checkpoint directory holds: config, weights (single or sharded with their index),
+# processor and tokenizer files.
+HF_CHECKPOINT_PATTERNS = ('*.json', '*.safetensors', '*.txt', '*.model', '*.jinja')
+
+
 def read_json(path) -> dict:
   """A JSON file's contents; a damaged one is a one-line ValueError naming the file."""
   path = pathlib.Path(path)

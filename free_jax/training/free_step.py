@@ -3,7 +3,8 @@
 One jitted, data-parallel program per step (`make_free_step`):
 
 1. Frozen backbone, teacher-forced (`teacher_forcing.teacher_forced`): the hidden state after every LM layer. The
-   backbone params go through `stop_gradient` and are never given to an optimizer.
+   backbone params go through `stop_gradient` and are never given to an optimizer. A batch that carries the
+   backbone's states already (`frozen_features`, computed once per example) skips that forward pass.
 2. Exits (`exits.apply_exits`) on the hiddens after layers [0, l_e); ``jax.vjp`` keeps their
    pullback so the exit forward runs once for both updates.
 3. Discriminator e: real = ``final_features`` of the last layer's output, fake = exit e's
@@ -35,7 +36,7 @@ import optax
 from free_jax import exits as exits_lib
 from free_jax.models import blip2
 from free_jax.teacher_forcing import teacher_forced
-from free_jax.training import losses, parallel
+from free_jax.training import frozen_features, losses, parallel
 from free_jax.training.discriminator import Discriminators
 from free_jax.training.state import FreeState
 
@@ -99,12 +100,15 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
   def step(state: FreeState, backbone_params: PyTree, batch: dict[str, jax.Array]):
     backbone_params = jax.lax.stop_gradient(backbone_params)
     lm_params = backbone_params['language_model']
-    run = teacher_forced(model, backbone_params, batch)
-    masks = batch_masks(batch, run.token_valid)
-    real = stack.final_features(lm_params, run.hiddens[-1])
+    if frozen_features.EXIT_INPUTS in batch:
+      exit_inputs, final_hidden, token_valid, ctx = frozen_features.restore(stack, lm_params, batch)
+    else:
+      run = teacher_forced(model, backbone_params, batch)
+      exit_inputs, final_hidden, token_valid, ctx = run.hiddens[exit_index], run.hiddens[-1], run.token_valid, run.ctx
+    masks = batch_masks(batch, token_valid)
+    real = stack.final_features(lm_params, final_hidden)
     final_logits = stack.logits(lm_params, real)
-    exit_inputs = run.hiddens[exit_index]
-    apply = lambda p: exits_lib.apply_exits(stack, lm_params, p, exit_inputs, run.token_valid, run.ctx)
+    apply = lambda p: exits_lib.apply_exits(stack, lm_params, p, exit_inputs, token_valid, ctx)
     (fake, logits), pullback = jax.vjp(apply, state.exits)
     real_e = jnp.broadcast_to(real, fake.shape)
     metrics = {}

@@ -43,8 +43,8 @@ from free_jax.models import blip2
 from free_jax.models.opt import OPTConfig
 from free_jax.models.qformer import QFormerConfig
 from free_jax.models.vit import VisionConfig
-from free_jax.training import (backbone_step, checkpoint, distributed, free_step, grounding, hidden_labels, optim,
-                               parallel, sharding)
+from free_jax.training import (backbone_step, checkpoint, distributed, free_step, frozen_features, grounding, growth,
+                               hidden_labels, optim, parallel, sharding)
 from free_jax.training import state as state_lib
 from free_jax.training import logging as metrics_logging
 
@@ -154,9 +154,41 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
   exits_lib.validate_layers(config.exits.layers, num_layers)
   if config.model.source == 'embedded':
     check(not model_config.is_encoder_decoder, 'the embedded backbone is OPT-only')
-  make_input_format(config, model_config, _tokenizer(config))  # text lengths vs data.max_text_length
+    _check_growth(config, model_config)
+  fmt = make_input_format(config, model_config, _tokenizer(config))  # text lengths vs data.max_text_length
+  if config.train.cache_features:
+    _check_feature_cache(config, model_config, fmt)
   evaluator.check_eval_config(config)
   return model_config
+
+
+def _check_feature_cache(config: ml_collections.ConfigDict, model_config: blip2.Blip2Config,
+                         fmt: batching.InputFormat) -> None:
+  check(not model_config.is_encoder_decoder,
+        'train.cache_features=True needs a decoder-only backbone (a T5 exit also reads the encoder); set it False')
+  check(jax.process_count() == 1, 'train.cache_features=True runs on one host; set it False on several')
+  need = frozen_features.nbytes(config.data.num_train, len(config.exits.layers),
+                                fmt.num_query_tokens + fmt.prompt_length + fmt.target_length,
+                                blip2.lm_stack(model_config).hidden_size)
+  ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  check(need <= ram // 2, f'train.cache_features=True needs {need / 2**30:.1f} GiB of host memory for '
+        f'data.num_train={config.data.num_train} examples, more than half of the {ram / 2**30:.0f} GiB here; '
+        'set it False')
+
+
+def _check_growth(config: ml_collections.ConfigDict, model_config: blip2.Blip2Config) -> None:
+  c = config.backbone_train
+  check(0.0 <= c.grow_split_noise < 1.0, f'backbone_train.grow_split_noise={c.grow_split_noise} must be in [0, 1)')
+  if not c.grow_from:
+    return
+  check(os.path.isfile(os.path.join(c.grow_from, 'config.json')),
+        f'backbone_train.grow_from={c.grow_from!r} holds no HF BLIP-2 config.json')
+  if os.path.isfile(os.path.join(c.grow_from, shipped.RECORD_FILE)):
+    shipped.verify(c.grow_from)
+  try:
+    growth.check_growable(blip2.Blip2Config.from_pretrained(c.grow_from), model_config)
+  except ValueError as e:
+    raise ValueError(f'backbone_train.grow_from={c.grow_from!r}: {e}') from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,7 +204,9 @@ def train_batches(examples: dict, backbone: Backbone, task: str, batch_size: int
                   start_step: int) -> Iterator[dict[str, np.ndarray]]:
   """Model batches from step `start_step` on, exactly as an uninterrupted pass would yield them."""
   for chunk in batching.iterate_batches(examples, batch_size, seed, start_step=start_step):
-    yield batching.train_batch(chunk, backbone.tokenizer, backbone.fmt, task)
+    batch = batching.train_batch(chunk, backbone.tokenizer, backbone.fmt, task)
+    batch.update({k: chunk[k] for k in frozen_features.COLUMNS if k in chunk})  # `frozen_features` rows
+    yield batch
 
 
 def _to_dict(value):
@@ -248,7 +282,14 @@ def _initial_backbone_state(config, model: blip2.Blip2Model, fmt: batching.Input
   probe = None
   if config.backbone_train.grounding_weight > 0:
     probe = grounding.init_probe(fmt.num_query_tokens, model.lm_stack().hidden_size)
-  return state_lib.create_backbone_state(init_backbone_params(model, fmt, jax.random.key(config.seed)), tx, probe)
+  c = config.backbone_train
+  if c.grow_from:
+    import free_jax  # pylint: disable=g-import-not-at-top  (lazy: pulls in transformers' loaders)
+    narrow, narrow_params = free_jax.load_pretrained(c.grow_from)
+    params = growth.widen(narrow_params, narrow.config, model.config, config.seed, c.grow_split_noise)
+  else:
+    params = init_backbone_params(model, fmt, jax.random.key(config.seed))
+  return state_lib.create_backbone_state(params, tx, probe)
 
 
 def _abstract_backbone_state(config, model, fmt) -> state_lib.BackboneState:
@@ -406,6 +447,11 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
     step_fn = free_step.make_free_step(backbone.model, config.exits.layers, config.free, disc, *gan_optimizers(config),
                                        mesh)
     examples = exit_training_examples(config, workdir, backbone)
+    if config.train.cache_features:
+      make_batch = lambda chunk: batching.train_batch(chunk, backbone.tokenizer, backbone.fmt, config.data.task)
+      examples = dict(examples, **frozen_features.precompute(backbone.model, backbone.params, examples,
+                                                             config.exits.layers, make_batch,
+                                                             config.train.batch_size))
     params = sharding.place_backbone(backbone.params, mesh, config.train.backbone_sharding)
     adversarial = free_step.MODES[config.free.mode][0]
     state = train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
