@@ -54,7 +54,9 @@ class ExitsMeta:
     decoding: `free_jax.EarlyExitVLM` settings the threshold was calibrated with ({'prefill',
       'propagation', 'max_new_tokens'}); empty = the defaults.
     training: the run's resolved config without ``eval`` (how the exits were trained).
-    digest: `fingerprint` of the exit params themselves (ties derived files to them).
+    digest: `fingerprint` of the exit params themselves and their placement (ties derived files to them;
+      `load_exits` checks it, so an edited ``exit_layers`` is refused).
+    task: 'vqa' or 'caption', what the exits were trained and calibrated for (None: not recorded).
   """
 
   exit_layers: tuple[int, ...]
@@ -67,6 +69,7 @@ class ExitsMeta:
   decoding: dict = dataclasses.field(default_factory=dict)
   training: dict = dataclasses.field(default_factory=dict)
   digest: str = ''
+  task: str | None = None
 
   def to_json(self) -> dict:
     return {'format': FORMAT, **dataclasses.asdict(self), 'exit_layers': list(self.exit_layers)}
@@ -84,11 +87,15 @@ class ExitsMeta:
 
 
 def fingerprint(params: PyTree) -> str:
-  """16 hex digits of sha256 over every leaf (path, shape, float32 bytes) of a backbone's params.
+  """16 hex digits of sha256 over every leaf (path, shape, float32 bytes) of a backbone's params, and over the
+  layers exit params are placed after (`exits.with_placement`) when they record them.
 
   Independent of how the params are sharded or stored; params cast to another dtype are other weights.
   """
   digest = hashlib.sha256()
+  layers = exits_lib.placement(params) if isinstance(params, dict) else None
+  if layers is not None:
+    digest.update(f'placement{list(layers)}'.encode())
   for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda p: jax.tree_util.keystr(p[0])):
     value = np.ascontiguousarray(np.asarray(jax.device_get(leaf), np.float32))
     digest.update(f'{jax.tree_util.keystr(path)}{value.shape}'.encode())
@@ -167,7 +174,12 @@ def load_exits(directory) -> tuple[PyTree, ExitsMeta]:
                        f'{len(meta.exit_layers)} exits ({META_FILE}: exit_layers={list(meta.exit_layers)})')
     if not np.all(np.isfinite(value)):
       raise ValueError(f'{tensors_file}: {name} holds NaN or inf')
-  return exits_lib.with_placement(params, meta.exit_layers), meta
+  params = exits_lib.with_placement(params, meta.exit_layers)
+  if meta.digest and fingerprint(params) != meta.digest:
+    raise ValueError(f'{meta_file}: digest {meta.digest} does not match {TENSORS_FILE} placed after layers '
+                     f'{list(meta.exit_layers)} ({fingerprint(params)}): the exits or their placement were changed '
+                     'after saving')
+  return params, meta
 
 
 def check_backbone(meta: ExitsMeta, num_layers: int, family: str, backbone_fingerprint: str, where: str) -> None:

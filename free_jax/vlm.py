@@ -18,6 +18,7 @@ optimizer is built and no data is read. Nothing here imports `free_jax.training`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import pathlib
 import time
@@ -36,6 +37,7 @@ from free_jax import weights
 from free_jax.backbone import Backbone
 from free_jax.data import batching, preprocess
 from free_jax.data import tokenizer as tokenizer_lib
+from free_jax.inference import confidence as conf_lib
 from free_jax.inference.early_exit import EarlyExitDecoder
 from free_jax.models import blip2
 from free_jax.models.hf_tensors import read_json
@@ -57,7 +59,8 @@ class Generation:
     tokens: int32[B, N] generated ids (padding after EOS).
     exit_layers: int32[B, N] the LM layer each token left at (L = full depth; 0 where no token).
     seconds: {'prepare' (images -> LM inputs), 'decode', 'total'}; the first call of a shape compiles.
-    mode: the decoding mode; threshold: the confidence threshold used (None for 'full').
+    mode: the decoding mode; threshold: the confidence threshold used, one for all exits or one per exit
+      (None for 'full').
   """
 
   texts: list[str]
@@ -65,13 +68,15 @@ class Generation:
   exit_layers: np.ndarray
   seconds: dict
   mode: str
-  threshold: float | None
+  threshold: float | tuple[float, ...] | None
 
 
 def _as_images(images) -> list:
-  """uint8 arrays / PIL images / file paths -> a list `preprocess.preprocess_images` takes."""
-  if isinstance(images, np.ndarray) and images.ndim == 3:
-    images = images[None]
+  """uint8 arrays (RGB or grayscale) / PIL images / file paths, one or a batch -> the list of images that
+  `preprocess.preprocess_images` takes."""
+  single = isinstance(images, (str, pathlib.Path, Image.Image))
+  if single or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):  # one image ([H, W] or [H, W, C])
+    images = [images]
   images = list(images)
   if not images:
     raise ValueError('images is empty')
@@ -84,8 +89,45 @@ def _as_images(images) -> list:
           image = im.copy()
       except OSError as e:
         raise ValueError(f'images[{i}]: cannot read {str(image)!r} as an image ({e})') from None
+    elif isinstance(image, np.ndarray) and (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1)):
+      image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)  # grayscale: the same in every channel
     out.append(image)
   return out
+
+
+def _unknown_words(tokenizer, texts: Sequence[str]) -> list[tuple[int, str]]:
+  """(row, word) of every span of `texts` the tokenizer can only read as its unknown token."""
+  unk = tokenizer.unk_token_id
+  if unk is None:
+    return []
+  encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+  return [(row, text[a:b]) for row, (text, ids, offsets) in enumerate(zip(texts, encoded['input_ids'],
+                                                                          encoded['offset_mapping']))
+          for i, (a, b) in zip(ids, offsets) if i == unk]
+
+
+def _check_questions(questions, num_images: int, tokenizer) -> list[str]:
+  """The questions as a list; a one-line ValueError for a non-string, an empty one, a count that differs from
+  the images' or a word the tokenizer does not know (with the nearest word it knows)."""
+  if isinstance(questions, str):
+    questions = [questions]
+  questions = list(questions)
+  for i, question in enumerate(questions):
+    if not isinstance(question, str):
+      raise ValueError(f'questions[{i}] is {type(question).__name__} {question!r}, expected a string')
+    if not question.strip():
+      raise ValueError(f'questions[{i}] is empty')
+  if len(questions) != num_images:
+    raise ValueError(f'{len(questions)} questions for {num_images} images')
+  unknown = _unknown_words(tokenizer, questions)
+  if unknown:
+    row, word = unknown[0]
+    vocab = [w for w in tokenizer.get_vocab() if w.isalpha()]
+    nearest = difflib.get_close_matches(word.lower(), vocab, n=1)
+    hint = f" (did you mean {nearest[0]!r}?)" if nearest else ''
+    raise ValueError(f'questions[{row}]: {word!r} is not in the tokenizer\'s vocabulary{hint}; the model would read '
+                     'it as an unknown token')
+  return questions
 
 
 class EarlyExitVLM:
@@ -156,7 +198,8 @@ class EarlyExitVLM:
     vlm = cls.from_pretrained(backbone_dir, exits=workdir / EXITS_DIR, dtype=dtype, max_new_tokens=e.max_new_tokens,
                               prefill=e.prefill, propagation=e.propagation)
     vlm.meta = dataclasses.replace(vlm.meta, decoding={'max_new_tokens': e.max_new_tokens, 'prefill': e.prefill,
-                                                       'propagation': e.propagation})
+                                                       'propagation': e.propagation},
+                                   task=vlm.meta.task or config.data.task)
     summary = read_json(workdir / SUMMARY_FILE) if (workdir / SUMMARY_FILE).is_file() else None
     if summary is not None and summary.get('exits_digest') != vlm.meta.digest:
       logging.warning('%s evaluates other exits than %s: its threshold is not used', workdir / SUMMARY_FILE,
@@ -223,25 +266,33 @@ class EarlyExitVLM:
       raise ValueError(f'mode={mode!r}; expected one of {MODES}')
     if mode != 'full' and not self.exit_layers:
       raise ValueError(f"mode={mode!r} needs exits: load them with from_pretrained(..., exits=DIR), or use mode='full'")
+    task = 'caption' if questions is None else 'vqa'
+    self._check_task(task, mode, max_new_tokens)
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+      raise ValueError(f'max_new_tokens={max_new_tokens!r} must be a positive integer')
     if threshold is None and mode != 'full':
       threshold = self.meta.threshold
       if threshold is None:
         threshold = 0.0 if mode == 'speculative' else None  # lossless whatever it is: draft every round
       if threshold is None:
         raise ValueError('these exits have no calibrated threshold (the run was not evaluated): pass threshold=')
+    thresholds = None if mode == 'full' else conf_lib.validate_thresholds(threshold, len(self.exit_layers))
     images = _as_images(images)
     if questions is not None:
-      if isinstance(questions, str):
-        questions = [questions]
-      if len(questions) != len(images):
-        raise ValueError(f'{len(questions)} questions for {len(images)} images')
-    n = max_new_tokens or self.max_new_tokens
+      questions = _check_questions(questions, len(images), self.backbone.tokenizer)
+    n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
     start = time.perf_counter()
-    task = 'caption' if questions is None else 'vqa'
     tok, fmt = self.backbone.tokenizer, self.backbone.fmt
     prompts = batching.prompts(self.family, task, questions, len(images))
     length = max(2, max(len(ids) for ids in tok(prompts)['input_ids']))
-    fmt = dataclasses.replace(fmt, prompt_length=-(-length // 8) * 8)  # buckets of 8: fewer compiles
+    if self.stack.max_positions is not None:  # OPT: image tokens, prompt and answer share the learned positions
+      room = self.stack.max_positions - fmt.num_query_tokens - length
+      if n > room:
+        raise ValueError(f'max_new_tokens={n} does not fit: the LM has {self.stack.max_positions} positions, '
+                         f'{fmt.num_query_tokens} image tokens and a {length}-token prompt leave {room}')
+    # Buckets of 8: fewer compiles (padding takes no position: positions count real tokens).
+    fmt = dataclasses.replace(fmt, prompt_length=-(-length // 8) * 8)
     examples = {'image': images} if questions is None else {'image': images, 'question': list(questions)}
     batch = batching.generation_batch(examples, tok, fmt, task)
     prompt, valid, encoder = self._inputs(self.backbone.params, batch['image'], batch['input_ids'],
@@ -250,11 +301,26 @@ class EarlyExitVLM:
     prepared = time.perf_counter()
     decoder = self._decoder(mode, n)
     exit_params = self._decode_exit_params if mode != 'full' else None
-    setting = {} if mode == 'full' else {'thresholds': threshold}
+    setting = {} if mode == 'full' else {'thresholds': thresholds}
     out = jax.device_get(decoder(self._lm_params, exit_params, prompt, np.asarray(valid), encoder=encoder, **setting))
     done = time.perf_counter()
     depth = np.asarray((*decoder.exit_layers, self.stack.num_layers))
     exit_layers = np.where(out.exit_index >= 0, depth[np.clip(out.exit_index, 0, None)], 0).astype(np.int32)
     return Generation(texts=tokenizer_lib.decode(tok, out.tokens), tokens=np.asarray(out.tokens), exit_layers=exit_layers,
                       seconds={'prepare': prepared - start, 'decode': done - prepared, 'total': done - start},
-                      mode=mode, threshold=None if mode == 'full' else float(threshold))
+                      mode=mode, threshold=None if mode == 'full' else
+                      float(threshold) if np.ndim(threshold) == 0 else tuple(float(t) for t in thresholds))
+
+  def _check_task(self, task: str, mode: str, max_new_tokens: int | None) -> None:
+    """Exits trained and calibrated for one task are not used for the other (nor its length settings)."""
+    trained = self.meta.task
+    if trained is None or trained == task:
+      return
+    how = ('load a caption run (python experiments/train.py --config=experiments/configs/caption.py, then '
+           'EarlyExitVLM.load(its workdir))' if task == 'caption' else 'load a VQA run')
+    if mode != 'full':
+      raise ValueError(f"these exits were trained and calibrated for {trained!r}, not {task!r}: {how}, or use "
+                       "mode='full' with max_new_tokens=")
+    if max_new_tokens is None:
+      raise ValueError(f'max_new_tokens defaults to the {trained!r} run\'s {self.max_new_tokens}: pass max_new_tokens= '
+                       f'for {task!r} with mode=\'full\', or {how}')

@@ -17,7 +17,7 @@ from free_jax import exits_io
 from free_jax.eval import evaluator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-QUESTIONS = ['What colour is the square?', 'How many circles are there?', 'Is there a red shape?']
+QUESTIONS = ['what color is the square?', 'how many circles are there?', 'is there a red shape?']
 
 
 @pytest.fixture(scope='module')
@@ -62,17 +62,57 @@ def test_captions_image_files_and_one_image(vlm, tmp_path):
   for i, image in enumerate(_images(2)):
     paths.append(tmp_path / f'{i}.png')
     Image.fromarray(image).save(paths[-1])
-  from_files = vlm.generate(paths, mode='full')
-  from_arrays = vlm.generate(_images(2), mode='full')
+  from_files = vlm.generate(paths, mode='full', max_new_tokens=6)
+  from_arrays = vlm.generate(_images(2), mode='full', max_new_tokens=6)
   np.testing.assert_array_equal(from_files.tokens, from_arrays.tokens)
-  assert len(vlm.generate(_images(1)[0], QUESTIONS[:1], mode='full').texts) == 1
+  one = vlm.generate(_images(1)[0], QUESTIONS[:1], mode='full')
+  assert len(one.texts) == 1
+  # One path (not a sequence of characters) and one grayscale image are batches of one.
+  np.testing.assert_array_equal(vlm.generate(str(paths[0]), QUESTIONS[:1], mode='full').tokens,
+                                vlm.generate(paths[:1], QUESTIONS[:1], mode='full').tokens)
+  gray = _images(1)[0, :, :, 0]
+  np.testing.assert_array_equal(vlm.generate(gray, QUESTIONS[:1], mode='full').tokens,
+                                vlm.generate(np.repeat(gray[..., None], 3, -1), QUESTIONS[:1], mode='full').tokens)
+
+
+def test_thresholds_per_exit_and_lengths_are_checked_before_decoding(vlm):
+  n = len(vlm.exit_layers)
+  out = vlm.generate(_images(), QUESTIONS, threshold=[2.0] * n)
+  assert out.threshold == (2.0,) * n
+  np.testing.assert_array_equal(out.tokens, vlm.generate(_images(), QUESTIONS, mode='full').tokens)
+  assert vlm.generate(_images(), QUESTIONS, max_new_tokens=1).tokens.shape == (3, 1)
+  limit = vlm.stack.max_positions
+  for kwargs, message in ((dict(threshold=[0.5] * (n + 1)), rf'one value or one per exit \({n}\), got {n + 1}'),
+                          (dict(threshold='high'),
+                           r"thresholds must be numbers in \[0, 1\], one or one per exit \(2\); got 'high'"),
+                          (dict(max_new_tokens=0), 'max_new_tokens=0 must be a positive integer'),
+                          (dict(max_new_tokens=limit), f'max_new_tokens={limit} does not fit: the LM has {limit} '
+                                                       'positions')):
+    with pytest.raises(ValueError, match=message) as error:
+      vlm.generate(_images(), QUESTIONS, **kwargs)
+    assert '\n' not in str(error.value)
+
+
+def test_exits_are_used_only_for_the_task_they_were_calibrated_for(vlm):
+  assert vlm.meta.task == 'vqa'
+  with pytest.raises(ValueError, match=r"calibrated for 'vqa', not 'caption': load a caption run \(python "
+                                       r'experiments/train.py --config=experiments/configs/caption.py'):
+    vlm.generate(_images())
+  with pytest.raises(ValueError, match=r"max_new_tokens defaults to the 'vqa' run's 4"):
+    vlm.generate(_images(), mode='full')
+  assert vlm.generate(_images(), mode='full', max_new_tokens=12).tokens.shape == (3, 12)
 
 
 def test_bad_inputs_are_refused_in_one_line(vlm, tmp_path):
   cases = [(dict(images=_images(), questions=QUESTIONS[:2]), '2 questions for 3 images'),
            (dict(images=_images(), questions=QUESTIONS, mode='fast'), "mode='fast'"),
            (dict(images=np.zeros((1, 8, 8, 3), np.float32), questions=QUESTIONS[:1]), r'images\[0\] is float32'),
-           (dict(images=[tmp_path / 'missing.png'], questions=QUESTIONS[:1]), 'cannot read')]
+           (dict(images=[tmp_path / 'missing.png'], questions=QUESTIONS[:1]), 'cannot read'),
+           (dict(images=_images(1), questions=['what colour is the only triangle?']),
+            r"questions\[0\]: 'colour' is not in the tokenizer's vocabulary \(did you mean 'color'\?\)"),
+           (dict(images=_images(1), questions=['What is there?']), r"'What' .* \(did you mean 'what'\?\)"),
+           (dict(images=_images(1), questions=[123]), r'questions\[0\] is int 123, expected a string'),
+           (dict(images=_images(2), questions=['is there a red shape?', '  ']), r'questions\[1\] is empty')]
   for kwargs, message in cases:
     with pytest.raises(ValueError, match=message) as error:
       vlm.generate(**kwargs)
@@ -130,6 +170,18 @@ def test_exits_of_another_backbone_are_refused(smoke_run, vlm, tmp_path):
     assert '\n' not in str(error.value)
 
 
+def test_exits_moved_to_other_layers_are_refused(smoke_run, vlm, tmp_path):
+  exits_dir = tmp_path / 'exits'
+  vlm.save_exits(exits_dir)
+  meta = json.loads((exits_dir / exits_io.META_FILE).read_text())
+  meta['exit_layers'] = [layer + 1 for layer in meta['exit_layers']]
+  (exits_dir / exits_io.META_FILE).write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r'exits.json: digest .* does not match exits.safetensors placed after layers '
+                                       r'\[2, 3\] .* changed after saving') as error:
+    free_jax.EarlyExitVLM.from_pretrained(smoke_run[0] / 'backbone' / 'hf', exits=exits_dir)
+  assert '\n' not in str(error.value)
+
+
 def test_damaged_exits_name_the_file(vlm, tmp_path):
   exits_dir = tmp_path / 'exits'
   vlm.save_exits(exits_dir)
@@ -151,7 +203,7 @@ def test_evaluation_refuses_exits_trained_after_other_layers(smoke_run):
 
 def test_a_fresh_process_loads_and_generates(smoke_run):
   code = ('import numpy as np, free_jax; vlm = free_jax.EarlyExitVLM.load(%r); '
-          'out = vlm.generate(np.zeros((2, 40, 40, 3), np.uint8), ["What colour is the square?"] * 2); '
+          'out = vlm.generate(np.zeros((2, 40, 40, 3), np.uint8), ["what color is the square?"] * 2); '
           'print(len(out.texts), out.exit_layers.shape)' % str(smoke_run[0]))
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -96,7 +96,11 @@ def validate_thresholds(thresholds: float | Sequence[float] | np.ndarray,
   """
   if isinstance(num_exits, bool) or not isinstance(num_exits, (int, np.integer)) or num_exits < 1:
     raise ValueError(f'num_exits must be a positive integer, got {num_exits!r}')
-  values = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+  try:
+    values = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+  except (TypeError, ValueError):
+    raise ValueError(f'thresholds must be numbers in [0, 1], one or one per exit ({num_exits}); got {thresholds!r}'
+                     ) from None
   if values.ndim != 1:
     raise ValueError(f'thresholds must be a float or a 1-D sequence, got shape {values.shape}')
   if values.size not in (1, num_exits):

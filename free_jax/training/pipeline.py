@@ -479,13 +479,14 @@ def _save_exits(config, workdir: str, backbone: Backbone, exit_params: PyTree) -
   """The finished exits in ``workdir/exits`` (`free_jax.exits_io`) with the backbone's fingerprint, their own
   digest and the training config; rewritten (atomically) only when the exits differ from the saved ones."""
   directory = os.path.join(workdir, vlm.EXITS_DIR)
+  exit_params = exits_lib.with_placement(exit_params, config.exits.layers)
   digest = exits_io.fingerprint(exit_params)
   if jax.process_index() or (os.path.isdir(directory) and exits_io.saved_digest(directory) == digest):
     return
   meta = exits_io.ExitsMeta(
       exit_layers=tuple(config.exits.layers), num_layers=backbone.num_layers, family=backbone.fmt.family,
       backbone_fingerprint=backbone.fingerprint, confidence=config.eval.confidence,
-      training={k: _to_dict(v) for k, v in config.items() if k != 'eval'}, digest=digest)
+      training={k: _to_dict(v) for k, v in config.items() if k != 'eval'}, digest=digest, task=config.data.task)
   exits_io.save_exits(directory, jax.device_get(exit_params), meta, overwrite=True)
 
 
