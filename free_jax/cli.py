@@ -29,6 +29,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
     message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').strip('"').split())
     overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections names only the missing key
+      field = message.split()[0] if message else '?'
+      named = [o for o in overrides if o.split('.')[-1] == field] or overrides
+      hint = message[len(field):].strip()
+      message = f'{named[0] if named else field}: no such config field' + (f' ({hint})' if hint else '')
     raise SystemExit(f'config error: {message} (overrides: {", ".join(overrides) or "none"})') from None
 
 

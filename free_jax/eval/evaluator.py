@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from free_jax import exits as exits_lib
-from free_jax import exits_io, teacher_forcing
+from free_jax import exits_io, teacher_forcing, workdir_lock
 from free_jax.backbone import Backbone, make_input_format
 from free_jax.data import batching, sources
 from free_jax.data import tokenizer as tokenizer_lib
@@ -350,14 +350,21 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
   finished run is not evaluated twice (experiments/evaluate.py passes False: it always measures again).
   """
   check_eval_config(config)
-  e = config.eval
-  out_dir = os.path.join(workdir, EVAL_DIR)
   inputs = made_from(config, exit_params)
-  path = os.path.join(out_dir, SUMMARY_FILE)
+  path = os.path.join(workdir, EVAL_DIR, SUMMARY_FILE)
   if reuse and os.path.isfile(path):
     stored = read_json(path)
     if stored.get('made_from') == inputs:
       return stored
+  with workdir_lock.hold(workdir):  # one run per workdir (a second one is refused, naming this one)
+    return _evaluate(config, workdir, backbone, exit_params, inputs)
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, backbone: Backbone, exit_params: PyTree,
+              inputs: dict) -> dict:
+  e = config.eval
+  out_dir = os.path.join(workdir, EVAL_DIR)
+  path = os.path.join(out_dir, SUMMARY_FILE)
   _check_writable(out_dir)  # before the work, not when saving the plots
   ev = Evaluator(config, backbone, exit_params)
   image_size = backbone.fmt.image_size
@@ -451,29 +458,38 @@ def early_exit_evaluation(config: ml_collections.ConfigDict, workdir: str, backb
       'exits_digest': inputs['exits_digest'],  # which exits this evaluates (`EarlyExitVLM.load`)
       'made_from': inputs,
   }
+  plots = []
+
+  def staged(name: str) -> str:
+    plots.append(name)
+    return os.path.join(out_dir, f'.{name}.partial.png')
+
   analysis.plot_quality_vs_speedup(
       {f'FREE exits ({e.confidence})': ([s['speedup_decode_wallclock'] for s in sweep],
                                         [s['quality'] for s in sweep])},
-      os.path.join(out_dir, 'quality_vs_speedup.png'), full_quality=quality_full, quality_label=summary['quality_metric'])
+      staged('quality_vs_speedup.png'), full_quality=quality_full, quality_label=summary['quality_metric'])
   # Both curves at the exit layers and the last layer, so they share an x axis.
   at = np.asarray((*ev.exit_layers, ev.stack.num_layers)) - 1
   analysis.plot_per_layer_quality(
       {'naive exits (frozen head)': np.asarray(teacher['per_layer_naive'])[at], 'FREE exits': teacher['per_exit']},
-      os.path.join(out_dir, 'per_layer_quality.png'), layers=at + 1,
+      staged('per_layer_quality.png'), layers=at + 1,
       quality_label=f'teacher-forced {teacher["unit"]} accuracy')
   if summary['per_type']:
     analysis.plot_per_layer_quality(
         {kind: row['per_layer_naive'] for kind, row in summary['per_type'].items()},
-        os.path.join(out_dir, 'per_type_per_layer.png'), quality_label='teacher-forced answer accuracy',
+        staged('per_type_per_layer.png'), quality_label='teacher-forced answer accuracy',
         title='per question type, every layer through the frozen head', xlabel='layer')
-  analysis.plot_exit_histogram(histogram, os.path.join(out_dir, 'exit_histogram.png'), labels=names)
+  analysis.plot_exit_histogram(histogram, staged('exit_histogram.png'), labels=names)
   modes = {'full': (quality_full, 1.0), f'early exit ({value:g})': (quality_early, decode_timing['speedup'])}
   if speculative is not None:
     modes[f"speculative (exit {speculative['draft_layer']}, k={speculative['max_draft']})"] = (
         speculative['quality'], speculative['speedup_decode_wallclock'])
-  analysis.plot_modes(modes, os.path.join(out_dir, 'modes.png'), quality_label=summary['quality_metric'])
+  analysis.plot_modes(modes, staged('modes.png'), quality_label=summary['quality_metric'])
   with open(path + '.tmp', 'w') as f:
     json.dump(summary, f, indent=1)
+  # The plots take seconds; they replace the old ones only now, next to the summary they belong to.
+  for name in plots:
+    os.replace(os.path.join(out_dir, f'.{name}.partial.png'), os.path.join(out_dir, name))
   os.replace(path + '.tmp', path)
   return summary
 

@@ -35,7 +35,7 @@ from absl import logging
 from free_jax import configs
 from free_jax.backbone import PROBE_EXAMPLES, Backbone, check, make_input_format
 from free_jax import exits as exits_lib
-from free_jax import exits_io, shipped, teacher_forcing, vlm
+from free_jax import exits_io, shipped, teacher_forcing, vlm, workdir_lock
 from free_jax.data import batching, sort_of_clevr, sources
 from free_jax.data import tokenizer as tokenizer_lib
 from free_jax.eval import evaluator
@@ -131,6 +131,7 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
     section = config[name]
     check(section.batch_size > 0 and section.batch_size % n == 0,
            f'{name}.batch_size={section.batch_size} must be a positive multiple of the {n} devices')
+    check(section.steps >= 1, f'{name}.steps={section.steps} must be >= 1')
     check(0 <= section.warmup_steps < section.steps,
            f'{name}.warmup_steps={section.warmup_steps} must be in [0, {name}.steps={section.steps})')
   check(config.data.num_train >= config.train.batch_size,
@@ -570,7 +571,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ``train_eval.json``, which holds only what is deterministic.
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.hold(workdir):  # one run per workdir (a second one is refused, naming this one)
+    return _train_and_evaluate(config, workdir, evaluators)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluators: Sequence[Evaluator]) -> dict:
   write_config(config, workdir)
   mesh = parallel.make_mesh()
   eval_path = os.path.join(workdir, EVAL_FILE)

@@ -193,4 +193,11 @@ def test_cli_config_error_is_one_line(tmp_path):
   out, _ = _cli(tmp_path / 'run', '--config.train.stpes=5')  # a typo'd field: one line with the closest name
   assert out.returncode != 0 and 'Traceback' not in out.stderr
   assert out.stderr.strip().splitlines()[-1] == (
-      'config error: stpes Did you mean "steps" instead of "stpes"? (overrides: --config.train.stpes)')
+      'config error: --config.train.stpes: no such config field (Did you mean "steps" instead of "stpes"?) '
+      '(overrides: --config.train.stpes)')
+  out, _ = _cli(tmp_path / 'run', '--config.nonexistent=1')
+  assert out.stderr.strip().splitlines()[-1] == (
+      'config error: --config.nonexistent: no such config field (overrides: --config.nonexistent)')
+  out, _ = _cli(tmp_path / 'run', '--config.train.steps=-5')  # the field itself, not the warmup it breaks
+  assert out.stderr.strip().splitlines()[-1] == 'config error: train.steps=-5 must be >= 1'
+  assert not (tmp_path / 'run').exists()
