@@ -8,21 +8,16 @@ Writes WORKDIR/eval/summary.json and WORKDIR/eval/*.png (see `free_jax.eval.eval
 trained: the backbone and exits must already be in the workdir (experiments/train.py).
 """
 
-import json
-
 from absl import app, flags
 from ml_collections import config_flags
 
 from free_jax import cli
-from free_jax.eval import evaluator
+from free_jax.eval import evaluator, final_screen
 from free_jax.training import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:smoke].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by experiments/train.py.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-_SHOWN = ('quality_metric', 'quality_full', 'quality_early_exit', 'threshold', 'mean_exit_layer', 'speedup_layers',
-          'speedup_decode_wallclock', 'speedup_end_to_end_wallclock', 'overthinking_rate')
 
 
 def main(argv):
@@ -33,7 +28,7 @@ def main(argv):
   backbone, exit_params = cli.run_or_exit(evaluator.load_run, config, _WORKDIR.value)
   summary = cli.run_or_exit(evaluator.early_exit_evaluation, config, _WORKDIR.value, backbone, exit_params,
                             reuse=False)  # an explicit evaluation always measures again
-  print(json.dumps({k: summary[k] for k in _SHOWN}, indent=1))
+  print(final_screen.final_screen(summary, _WORKDIR.value), flush=True)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from free_jax import cli
-from free_jax.eval import evaluator
+from free_jax.eval import evaluator, final_screen
 from free_jax.training import distributed, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:smoke].', lock_config=True)
@@ -31,8 +31,9 @@ def main(argv):
     pipeline.validate_config(_CONFIG.value)
   except ValueError as e:  # a bad config is a one-line message, not a traceback
     sys.exit(f'config error: {e}')
-  cli.run_or_exit(pipeline.train_and_evaluate, _CONFIG.value, _WORKDIR.value,
-                  evaluators=[evaluator.early_exit_evaluation])
+  summary = cli.run_or_exit(pipeline.train_and_evaluate, _CONFIG.value, _WORKDIR.value,
+                            evaluators=[evaluator.early_exit_evaluation])
+  print(final_screen.final_screen(summary['early_exit_evaluation'], _WORKDIR.value), flush=True)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+# transformers' "PyTorch was not found" notice is advice, not a problem: free_jax uses only its tokenizers and
+# image processors. Set before any launcher imports transformers.
+os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
+
 # Errors that are the user's or the machine's, not the code's.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 _OS_CAUSES = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENOENT, errno.EIO)

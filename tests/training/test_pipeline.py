@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import run_train_cli
 from experiments.configs import vqa
+from free_jax import workdir_lock
 from free_jax.training import checkpoint, free_step, logging as metrics_logging, parallel, pipeline
 
 
@@ -23,7 +24,8 @@ def _cli(workdir, *overrides):
 
 def _snapshot(workdir):
   return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(pathlib.Path(workdir).rglob('*')) if p.is_file()}
+          for p in sorted(pathlib.Path(workdir).rglob('*'))
+          if p.is_file() and p.name != workdir_lock.LOCK_FILE}  # the lock names its latest holder: not a result
 
 
 def _final_state(workdir, config, backbone):
@@ -45,6 +47,14 @@ def test_cli_smoke_run_writes_everything(finished):
   summary = json.loads((workdir / pipeline.EVAL_FILE).read_text())
   assert set(summary['accuracy']) == {'exit1', 'exit2', 'backbone'}
   assert 'backbone' in out.stdout and 'exit2' in out.stdout  # the table
+  # The last screen: the evaluation's own figures, where the files are, what to run next; no library notices.
+  ev = json.loads((workdir / 'eval' / 'summary.json').read_text())
+  screen = out.stdout[out.stdout.index('Early exit on'):]
+  for figure in (f"{ev['quality_full']:.3f}", f"{ev['quality_early_exit']:.3f}",
+                 f"{ev['speedup_decode_wallclock']:.2f}x", f"threshold {ev['threshold']:.4g}",
+                 str(workdir / 'eval' / 'summary.json'), f"EarlyExitVLM.load('{workdir}')"):
+    assert figure in screen, figure
+  assert 'PyTorch was not found' not in out.stdout + out.stderr
   with checkpoint.Checkpointer(workdir / pipeline.CHECKPOINT_DIR) as ckpt:
     assert ckpt.is_finished() and ckpt.latest_step() == 10
   with checkpoint.Checkpointer(workdir / pipeline.BACKBONE_DIR / pipeline.CHECKPOINT_DIR) as ckpt:
