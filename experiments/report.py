@@ -27,6 +27,8 @@ _GRID = flags.DEFINE_enum('grid', 'full', list(reproduce.GRIDS), 'The study grid
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Replicate seeds of the study.')
 _DOCS = flags.DEFINE_string('docs', 'docs', 'Where results.md and figures/ go.')
 _RESULTS = flags.DEFINE_string('results', 'results', "Where the study's reproduction.{json,md} and PNGs go.")
+_STUDY_RUN = flags.DEFINE_bool('study', True, 'Run (or reuse) the study; --nostudy keeps the study results in '
+                                '--results and regenerates the two runs only.')
 _README = flags.DEFINE_string('readme', 'README.md', 'README whose marked section is rewritten ("" = none).')
 
 
@@ -36,7 +38,7 @@ def main(argv):
   grid = dataclasses.replace(reproduce.get_grid(_GRID.value), seeds=tuple(int(s) for s in _SEEDS.value))
   runs = report.Runs(vqa=_CONFIG.value, caption=_CAPTION.value, study=_STUDY.value, grid=grid)
   cli.run_or_exit(report.make_report, runs, _WORKDIR.value, docs_dir=_DOCS.value, readme=_README.value or None,
-                  results_dir=_RESULTS.value)
+                  results_dir=_RESULTS.value, study=_STUDY_RUN.value)
 
 
 if __name__ == '__main__':

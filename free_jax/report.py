@@ -16,9 +16,10 @@ same file), the wall-clock figures in ``eval/`` are measured anew only when thei
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 
@@ -59,18 +60,28 @@ def _per_type_table(summary: dict) -> list[str]:
   return lines
 
 
+def format_distinct(values: Sequence[float]) -> list[str]:
+  """`values` with the fewest decimals (2 to 6) that keep different values different (thresholds near 1)."""
+  for decimals in range(2, 7):
+    texts = [f'{v:.{decimals}f}' for v in values]
+    if len(set(texts)) == len(set(values)):
+      return texts
+  return [f'{v:g}' for v in values]
+
+
 def _run_lines(name: str, summary: dict, command: str) -> list[str]:
   metric = summary['quality_metric']
   lines = [f'## {name}', '', f'`{command}`', '',
            f"Full depth {metric} **{summary['quality_full']:.4g}**; early exit at the calibrated threshold "
-           f"{summary['threshold']:.3g}: {summary['quality_early_exit']:.4g} at "
+           f"{summary['threshold']:.4g}: {summary['quality_early_exit']:.4g} at "
            f"**{summary['speedup_decode_wallclock']:.2f}x measured decode** "
            f"({summary['speedup_layers']:.2f}x in layers, {summary['speedup_end_to_end_wallclock']:.2f}x end to end, "
            f"batch {summary['timing']['batch_size']}, {summary['timing']['examples']} test examples timed, "
            f"backend {summary['timing']['backend']}).", '',
            '| threshold | ' + metric + ' | measured decode speedup | layer speedup |', '|---|---|---|---|']
-  lines += [f"| {s['threshold']:.2f} | {s['quality']:.4g} | {s['speedup_decode_wallclock']:.2f}x | "
-            f"{s['speedup_layers']:.2f}x |" for s in summary['sweep']]
+  thresholds = format_distinct([s['threshold'] for s in summary['sweep']])
+  lines += [f"| {t} | {s['quality']:.4g} | {s['speedup_decode_wallclock']:.2f}x | {s['speedup_layers']:.2f}x |"
+            for t, s in zip(thresholds, summary['sweep'])]
   spec = summary.get('speculative')
   if spec:
     lines += ['', f"Speculative (exit after layer {spec['draft_layer']}, k = {spec['max_draft']}): {metric} "
@@ -91,7 +102,7 @@ def _figure(workdir: str, name: str, figures: str, prefix: str) -> str:
 
 
 def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | None = 'README.md',
-                results_dir: str = 'results', log: Callable[[str], None] = print) -> dict:
+                results_dir: str = 'results', log: Callable[[str], None] = print, study: bool = True) -> dict:
   """Runs (or reuses) everything and writes the report (module docstring); returns the summaries.
 
   Args:
@@ -102,6 +113,8 @@ def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | 
     readme: the README whose marked section is rewritten (None: left alone).
     results_dir: the study's output (`reproduce.write_results`).
     log: progress lines.
+    study: run (or reuse) the study; False keeps the study results already in `results_dir` (written by
+      experiments/reproduce.py, which names its own commit) and regenerates only the two runs.
   """
   if readme is not None:
     with open(readme) as f:
@@ -110,15 +123,22 @@ def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | 
       raise ValueError(f'{readme} has no {BEGIN} ... {END} section to regenerate')
   for config in (runs.vqa, runs.caption):
     pipeline.validate_config(config)
-  reproduce.validate(runs.study, runs.grid)
+  if study:
+    reproduce.validate(runs.study, runs.grid)
+  elif not os.path.isfile(os.path.join(results_dir, reproduce.JSON_FILE)):
+    raise FileNotFoundError(f'{os.path.join(results_dir, reproduce.JSON_FILE)} not found: run the study (study=True)')
   made_at = shipped.commit()
   summaries = {}
   for name, config in (('vqa', runs.vqa), ('caption', runs.caption)):
     log(f'[report] {name} run in {os.path.join(workdir, name)}')
     summaries[name] = pipeline.train_and_evaluate(config, os.path.join(workdir, name),
                                                   evaluators=[evaluator.early_exit_evaluation])
-  log('[report] reproduction study')
-  rows = reproduce.run_study(runs.study, os.path.join(workdir, 'study'), runs.grid, out_dir=results_dir, log=log)
+  if study:
+    log('[report] reproduction study')
+    rows = reproduce.run_study(runs.study, os.path.join(workdir, 'study'), runs.grid, out_dir=results_dir, log=log)
+  else:
+    with open(os.path.join(results_dir, reproduce.JSON_FILE)) as f:
+      rows = json.load(f)
 
   figures = os.path.join(docs_dir, FIGURES_DIR)
   os.makedirs(figures, exist_ok=True)
@@ -135,9 +155,10 @@ def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | 
            ('quality_vs_speedup.png', 'modes.png')]
   lines += ['', *[f'![{os.path.basename(p)}]({FIGURES_DIR}/{os.path.basename(p)})' for p in shown], '']
   with open(os.path.join(results_dir, reproduce.MARKDOWN_FILE)) as f:
-    study = f.read().replace('# FREE reproduction on the embedded benchmark', '## Reproduction study', 1)
-  lines += [f'`python experiments/reproduce.py --workdir=WORKDIR --seeds={",".join(map(str, runs.grid.seeds))} '
-            f'--out={results_dir}` (figures in {results_dir}/)', '', study]
+    study_text = f.read().replace('# FREE reproduction on the embedded benchmark', '## Reproduction study', 1)
+  seeds = sorted({s for r in rows for s in r['seeds']})
+  lines += [f'`python experiments/reproduce.py --workdir=WORKDIR --seeds={",".join(map(str, seeds))} '
+            f'--out={results_dir}` (small backbone; figures in {results_dir}/)', '', study_text]
   with open(os.path.join(docs_dir, RESULTS_FILE), 'w') as f:
     f.write('\n'.join(lines))
 
@@ -150,7 +171,7 @@ def make_report(runs: Runs, workdir: str, docs_dir: str = 'docs', readme: str | 
                f"{vqa['speedup_decode_wallclock']:.2f}x | {vqa['speedup_layers']:.2f}x |",
                f"| caption (CIDEr) | {cap['quality_full']:.3f} | {cap['quality_early_exit']:.3f} | "
                f"{cap['speedup_decode_wallclock']:.2f}x | {cap['speedup_layers']:.2f}x |",
-               f"| study: FREE, {100 * free10['label_fraction']:g}% labels, {len(runs.grid.seeds)} seeds | "
+               f"| study (small backbone): FREE, {100 * free10['label_fraction']:g}% labels, {len(free10['seeds'])} seeds | "
                f"{free10['quality_full']:.3f} | {free10['quality']:.3f} ± {free10['quality_ci95']:.3f} | "
                f"{free10['speedup_decode_wallclock']:.2f}x | {free10['speedup_layers']:.2f}x |", END]
     start, end = text.index(BEGIN), text.index(END) + len(END)

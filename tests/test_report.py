@@ -50,3 +50,10 @@ def test_a_readme_without_the_section_is_refused_before_any_run(tmp_path):
   assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
       f'error: {readme} has no {report.BEGIN} ... {report.END} section to regenerate')
   assert not (tmp_path / 'w').exists()
+
+
+def test_distinct_thresholds_stay_distinct_in_the_tables():
+  texts = report.format_distinct([1.0, 0.999, 0.998, 0.995, 0.9, 0.5])
+  assert texts == ['1.000', '0.999', '0.998', '0.995', '0.900', '0.500']
+  assert report.format_distinct([0.5, 0.25]) == ['0.50', '0.25']
+  assert report.format_distinct([0.5, 0.5]) == ['0.50', '0.50']  # equal values may print alike

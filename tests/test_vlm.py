@@ -229,3 +229,17 @@ def test_the_run_writes_what_load_needs(smoke_run):
   assert meta.training['free']['mode'] == config['free']['mode'] and 'eval' not in meta.training
   _, params = free_jax.load_pretrained(workdir / 'backbone' / 'hf')
   assert meta.backbone_fingerprint == exits_io.fingerprint(params)
+
+
+def test_the_readme_quick_start_runs_as_written(smoke_run, tmp_path, monkeypatch):
+  """The README's quick-start block, on the smoke run (its workdir and backbone in place of the default's)."""
+  readme = (ROOT / 'README.md').read_text()
+  start = readme.index('## Quick start')
+  code = readme[readme.index('```python\n', start) + len('```python\n'):readme.index('```', readme.index('```python', start) + 9)]
+  code = code.replace("'workdir/vqa'", repr(str(smoke_run[0]))).replace(
+      "'assets/sort_of_clevr_blip2'", repr(str(smoke_run[0] / 'backbone' / 'hf')))
+  monkeypatch.chdir(tmp_path)
+  scope = {}
+  exec(compile(code, 'README.md', 'exec'), scope)  # pylint: disable=exec-used
+  assert len(scope['out'].texts) == 2 and scope['vlm2'].exit_layers == scope['vlm'].exit_layers
+  assert (tmp_path / 'my_exits' / exits_io.META_FILE).is_file()
