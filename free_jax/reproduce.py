@@ -99,7 +99,7 @@ class Grid:
 
 
 GRIDS = {
-    # 12 exit trainings + 15 evaluations per seed on the default 8-layer backbone (docs/reproduction.md).
+    # 12 exit trainings + 15 evaluations per seed on the small 8-layer backbone (docs/reproduction.md).
     'full': Grid(methods=tuple(METHODS), label_fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2),
                  overrides={'train.steps': 300, 'train.warmup_steps': 30, 'train.log_every': 50,
                             'train.checkpoint_every': 150, 'data.num_calibration': 300, 'data.num_test': 400,

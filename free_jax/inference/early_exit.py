@@ -5,8 +5,9 @@ One XLA program per (batch, prompt length, max_new_tokens) shape, compiled ahead
 * a step (the prompt prefill, then one token at a time in a `lax.while_loop`) runs the backbone in
   segments [0, l_1), [l_1, l_2), ..., [l_E, L). After segment i, exit i (its transformer layer and
   classifier, `free_jax.exits`) scores the step's last position; the token takes exit i's argmax if
-  its confidence >= threshold i. Deeper segments sit in nested `lax.cond`s whose predicate is a
-  scalar, so they are really skipped, not computed and masked (never `vmap` this decision).
+  its confidence >= threshold i. Each deeper segment runs under its own `lax.cond` (one after the
+  other, not nested) whose predicate is a scalar, so it is really skipped, not computed and masked
+  (never `vmap` this decision).
 * Thresholds (one per exit), the patience k and an optional per-step depth schedule are traced
   arguments: a sweep never recompiles.
 * KV caches are one array per layer (`lm_api.KVCache`, the per-layer form), updated in place, so a

@@ -166,7 +166,7 @@ def _run_windows(segment, deferred, caches, h, run, context, window, has_exit):
 
   Windows of W slots while more than `SHORT_WINDOW` slots are missing (the current one included), then
   windows of `SHORT_WINDOW`: a deep token right after one shallow token is missing 2 slots, and a pass over
-  2 positions instead of W costs 1.6x instead of 2.3x a full-depth step on the shipped LM (docs/decoding.md).
+  2 positions costs less than one over W where a layer costs its rows (small LMs on a CPU).
   Two loops rather than a conditional choosing the size: both branches of such a conditional would write
   the caches, and XLA then copies them (`branch`).
   """

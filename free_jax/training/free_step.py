@@ -82,7 +82,8 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
   Returns:
     The step; `state` is donated. Metrics are float32 scalars: ``g_loss``, ``g_grad_norm``,
     ``d_loss``/``d_grad_norm`` (adversarial modes), and per exit ``exit{l}/<term>`` for the loss terms
-    (``adv``, ``ce``, ``kd``, ``cosine``, ``pseudo`` as the mode uses them) and ``exit{l}/token_acc``
+    (``adv``, ``ce``, ``kd``, ``cosine``, ``pseudo`` as the mode uses them), ``exit{l}/grad_norm`` (its layer's
+    gradient before clipping) and ``exit{l}/token_acc``
     (vs labels), ``exit{l}/agreement`` (vs the final layer), ``exit{l}/d_real_acc``, ``exit{l}/d_fake_acc``.
   """
   stack = blip2.lm_stack(model.config, model.dtype)
@@ -166,6 +167,8 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
     metrics.update(g_loss=g_loss, g_grad_norm=optax.global_norm(g_grads))
     for e, l in enumerate(layers):
       metrics.update({f'exit{l}/{name}': values[e] for name, values in parts.items()})
+      # Before clipping: shows whether one exit's (or the adversary's) gradient dominates the shared clip.
+      metrics[f'exit{l}/grad_norm'] = optax.global_norm(jax.tree.map(lambda g: g[e], g_grads['layers']))
       metrics[f'exit{l}/token_acc'] = losses.token_accuracy(logits[e], batch['labels'], masks['targets'],
                                                             axis_name=ax)
       metrics[f'exit{l}/agreement'] = losses.agreement(logits[e], final_logits, masks['targets'], axis_name=ax)

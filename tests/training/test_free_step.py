@@ -50,8 +50,11 @@ def test_step_updates_exits_and_discriminators_and_never_the_backbone(semi):
   n_exit, n_backbone = len(jax.tree.leaves(state.exits)), len(jax.tree.leaves(backbone.params))
   assert len(jax.tree.leaves(state.g_opt_state)) < 3 * n_exit + 5 < n_backbone * 2
   for key in ('d_loss', 'g_loss', 'exit1/adv', 'exit1/ce', 'exit2/d_real_acc', 'exit2/d_fake_acc',
-              'exit1/token_acc', 'exit2/agreement'):
+              'exit1/token_acc', 'exit2/agreement', 'exit1/grad_norm'):
     assert np.isfinite(metrics[key]), key
+  # The per-exit norms make up the exits' share of the whole gradient norm.
+  per_exit = [metrics[f'exit{l}/grad_norm'] for l in config.exits.layers]
+  assert min(per_exit) > 0 and np.sqrt(np.sum(np.square(per_exit))) <= metrics['g_grad_norm'] * (1 + 1e-5)
 
 
 def test_adversarial_gradient_reaches_the_exits():
