@@ -278,23 +278,29 @@ def _backbone_tx(config):
       grad_clip_norm=c.grad_clip), c.steps)
 
 
-def _initial_backbone_state(config, model: blip2.Blip2Model, fmt: batching.InputFormat,
-                            tx: optax.GradientTransformation) -> state_lib.BackboneState:
+def _initial_backbone_params(config, model: blip2.Blip2Model, fmt: batching.InputFormat) -> PyTree:
+  """Stage 1's starting params: random (seed ``config.seed``), or the narrower ``backbone_train.grow_from``
+  widened without changing its function (`growth`)."""
+  c = config.backbone_train
+  if not c.grow_from:
+    return init_backbone_params(model, fmt, jax.random.key(config.seed))
+  import free_jax  # pylint: disable=g-import-not-at-top  (lazy: pulls in transformers' loaders)
+  narrow, narrow_params = free_jax.load_pretrained(c.grow_from)
+  return growth.widen(narrow_params, narrow.config, model.config, config.seed, c.grow_split_noise)
+
+
+def _backbone_state(config, model: blip2.Blip2Model, fmt: batching.InputFormat, tx: optax.GradientTransformation,
+                    params: PyTree) -> state_lib.BackboneState:
   probe = None
   if config.backbone_train.grounding_weight > 0:
     probe = grounding.init_probe(fmt.num_query_tokens, model.lm_stack().hidden_size)
-  c = config.backbone_train
-  if c.grow_from:
-    import free_jax  # pylint: disable=g-import-not-at-top  (lazy: pulls in transformers' loaders)
-    narrow, narrow_params = free_jax.load_pretrained(c.grow_from)
-    params = growth.widen(narrow_params, narrow.config, model.config, config.seed, c.grow_split_noise)
-  else:
-    params = init_backbone_params(model, fmt, jax.random.key(config.seed))
   return state_lib.create_backbone_state(params, tx, probe)
 
 
 def _abstract_backbone_state(config, model, fmt) -> state_lib.BackboneState:
-  return jax.eval_shape(lambda: _initial_backbone_state(config, model, fmt, _backbone_tx(config)))
+  # Shapes only: random params have the grown ones' shapes, and nothing is read from disk.
+  return jax.eval_shape(lambda: _backbone_state(config, model, fmt, _backbone_tx(config),
+                                                init_backbone_params(model, fmt, jax.random.key(0))))
 
 
 def _caption_format(fmt: batching.InputFormat, tokenizer, max_positions: int) -> batching.InputFormat:
@@ -333,7 +339,7 @@ def backbone_stage(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sh
   model, tokenizer, fmt = _embedded_parts(config)
   c = config.backbone_train
   tx = _backbone_tx(config)
-  state = _initial_backbone_state(config, model, fmt, tx)
+  state = _backbone_state(config, model, fmt, tx, _initial_backbone_params(config, model, fmt))
   step_fn = backbone_step.make_backbone_step(model, tx, mesh, c.grounding_weight)
   backbone = Backbone(model, None, tokenizer, fmt)
   examples = load_examples(config, 'backbone', c.num_examples, fmt.image_size)
