@@ -1,12 +1,12 @@
-r"""Ships a finished embedded run's backbone as the project's default (free_jax.shipped).
+r"""Ships a finished embedded run's backbone (free_jax.shipped): HF BLIP-2 files, made_by.json, training curves.
 
-  python experiments/train.py --config=experiments/configs/vqa.py --config.model.source=embedded \
-    --config.backbone_train.steps=20000 --config.backbone_train.num_examples=160000 \
-    --config.backbone_train.checkpoint_every=2000 --workdir=workdir/backbone
-  python experiments/ship_backbone.py --workdir=workdir/backbone --command="<the command above>" --overwrite
+  python experiments/train.py --config=experiments/configs/vqa.py --config.model.source=embedded ... \
+    --workdir=workdir/backbone_wide
+  python experiments/ship_backbone.py --workdir=workdir/backbone_wide --lm_dtype=bfloat16 \
+    --command="<the command above>"                           # -> assets/sort_of_clevr_blip2
+  python experiments/ship_backbone.py ... --overwrite --evaluated_by=workdir/vqa   # record a run's test figures
 
-Writes assets/sort_of_clevr_blip2/ (HF BLIP-2 files, made_by.json, training_curves.png); docs/backbone.md
-says what the shipped one is and how it was made.
+docs/backbone.md gives the commands that made the shipped backbones and what they answer.
 """
 
 from absl import app, flags

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from free_jax.data import batching
 from free_jax.models import blip2, lm_api
@@ -56,7 +57,9 @@ def precompute(model: blip2.Blip2Model, params: PyTree, examples: dict, exit_lay
     return jnp.moveaxis(tf.hiddens[exit_index], 0, 1), tf.hiddens[-1], tf.token_valid
 
   parts = []
-  for chunk in batching.iterate_batches(examples, batch_size, 0, shuffle=False, num_epochs=1, drop_remainder=False):
+  chunks = batching.iterate_batches(examples, batch_size, 0, shuffle=False, num_epochs=1, drop_remainder=False)
+  total = -(-batching.num_rows(examples) // batch_size)
+  for chunk in tqdm.tqdm(chunks, total=total, desc='frozen features', unit='batch', dynamic_ncols=True):
     batch = make_batch(chunk)
     inputs = {k: batch[k] for k in ('image', 'input_ids', 'attention_mask')}
     rows = batch['valid']

@@ -15,6 +15,7 @@ import os
 
 import jax
 import numpy as np
+import tqdm
 
 from free_jax.backbone import Backbone
 from free_jax.data import batching
@@ -40,7 +41,10 @@ def greedy_targets(backbone: Backbone, examples: dict, task: str, batch_size: in
   inputs = jax.jit(lambda p, image, ids, mask: backbone.model.apply({'params': p}, image, ids, mask,
                                                                    method='decoder_inputs'))
   targets = []
-  for chunk in batching.iterate_batches(examples, batch_size, 0, shuffle=False, num_epochs=1, drop_remainder=False):
+  chunks = batching.iterate_batches(examples, batch_size, 0, shuffle=False, num_epochs=1, drop_remainder=False)
+  total = -(-batching.num_rows(examples) // batch_size)
+  for chunk in tqdm.tqdm(chunks, total=total, desc='backbone targets of unlabelled rows', unit='batch',
+                         dynamic_ncols=True):
     batch = batching.generation_batch(chunk, tok, fmt, task)
     prompt, valid, encoder = inputs(backbone.params, batch['image'], batch['input_ids'], batch['attention_mask'])
     tokens = np.asarray(decoder(lm_params, None, prompt, np.asarray(valid), encoder=encoder).tokens)

@@ -9,7 +9,7 @@ import pytest
 
 from experiments.configs import vqa
 from free_jax.models import blip2
-from free_jax.training import growth, pipeline
+from free_jax.training import growth, parallel, pipeline
 
 
 @pytest.fixture(scope='module')
@@ -82,3 +82,19 @@ def test_config_names_a_bad_grow_from_before_any_work(narrow, tmp_path):
     config.backbone_train.grow_split_noise = 1.0
   with pytest.raises(ValueError, match=r'backbone_train.grow_split_noise=1.0 must be in \[0, 1\)'):
     pipeline.validate_config(config)
+
+
+def test_a_grown_backbone_trains_on_and_is_restored_without_regrowing(smoke_run, tmp_path, monkeypatch):
+  config = vqa.get_config('smoke')
+  with config.unlocked():
+    e = config.model.embedded
+    e.lm_hidden, e.lm_ffn = 2 * e.lm_hidden, 2 * e.lm_ffn
+    config.backbone_train.grow_from = str(smoke_run[0] / 'backbone' / 'hf')
+    config.backbone_train.steps, config.backbone_train.warmup_steps = 2, 0
+  mesh = parallel.make_mesh(1)
+  trained = pipeline.backbone_stage(config, str(tmp_path / 'run'), mesh)
+  assert trained.model.lm_stack().hidden_size == config.model.embedded.lm_hidden
+  monkeypatch.setattr(growth, 'widen', lambda *a, **k: pytest.fail('a finished backbone was grown again'))
+  restored = pipeline.load_backbone(config, str(tmp_path / 'run'))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.params),
+               jax.tree.map(np.asarray, trained.params))
