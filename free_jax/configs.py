@@ -127,7 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.risk_delta = 0.01           # tolerated disagreement rate delta
   c.eval.risk_epsilon = 0.1          # the guarantee holds with probability >= 1 - epsilon
   c.eval.max_new_tokens = 4          # generated tokens (answers are one word + EOS)
-  c.eval.batch_size = 1              # decoding batch size for quality and wall-clock figures
+  c.eval.batch_size = 1              # decoding batch size of the wall-clock figures and their costs (layers, bytes)
+  c.eval.quality_batch_size = 32     # decoding batch size of the passes that only need tokens (calibration, the
+                                     # threshold sweep's qualities): the same tokens, many times faster
   c.eval.timing_repeats = 5          # repeats of the interleaved full vs early-exit timing (medians)
   c.eval.num_sweep_thresholds = 11   # thresholds in the quality-vs-speedup sweep (denser near 1: `sweep_grid`)
   c.eval.calibration_method = 'ltt'  # 'ltt' (Learn-then-Test) or 'crc' (conformal risk control)

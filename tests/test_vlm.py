@@ -143,7 +143,7 @@ def test_save_exits_never_replaces_what_it_did_not_write(smoke_run, vlm, tmp_pat
   here.mkdir()
   (here / 'data.csv').write_text('1,2')
   monkeypatch.chdir(here)
-  for target, message in ((workdir, "holds 'backbone' and .* more entries: it is not exits written here"),
+  for target, message in ((workdir, r"holds '.+' and \d+ more entries: it is not exits written here"),
                           (notes, "holds 'notes.txt' and 1 more entries: it is not exits written here"),
                           ('.', 'is the current directory')):
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*'))

@@ -1,4 +1,4 @@
-r"""Embedded FREE benchmark, captioning: Sort-of-CLEVR scene descriptions on the tiny BLIP-2.
+r"""Embedded FREE benchmark, captioning: Sort-of-CLEVR scene descriptions on the shipped BLIP-2.
 
   python experiments/train.py --config=experiments/configs/caption.py --workdir=workdir/caption
   python experiments/train.py --config=experiments/configs/caption.py:smoke --workdir=/tmp/smoke_cap
@@ -13,6 +13,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   c.data.max_text_length = 40      # captions are a few clauses long
   c.eval.max_new_tokens = 32       # a whole caption
   c.eval.risk_delta = 0.05         # token-level disagreement is tolerated a bit more for captions
+  c.eval.timing_examples = 32      # a caption is 32 decode steps: 32 captions time ~1000 steps per pass
   return configs.finalize(c, arg, smoke_overrides=_smoke)
 
 

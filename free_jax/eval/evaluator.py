@@ -108,14 +108,15 @@ class Evaluator:
                                                    method='decoder_inputs')
     return prompt, encoder
 
-  def batches(self, examples: dict, limit: int = 0) -> list[dict]:
-    """Generation batches (eval.batch_size rows, images on device) with host-side prompt validity."""
+  def batches(self, examples: dict, limit: int = 0, batch_size: int | None = None) -> list[dict]:
+    """Generation batches (`batch_size` rows, default eval.batch_size; images on device) with host-side prompt
+    validity."""
     n = batching.num_rows(examples)
     if limit:
       examples = batching.take(examples, np.arange(min(limit, n)))
     out = []
-    for chunk in batching.iterate_batches(examples, self.config.eval.batch_size, 0, shuffle=False, num_epochs=1,
-                                          drop_remainder=False):
+    for chunk in batching.iterate_batches(examples, batch_size or self.config.eval.batch_size, 0, shuffle=False,
+                                          num_epochs=1, drop_remainder=False):
       b = batching.generation_batch(chunk, self.backbone.tokenizer, self.backbone.fmt, self.task)
       if self.backbone.model.config.is_encoder_decoder:
         valid = np.ones((len(b['valid']), 1), bool)
@@ -310,8 +311,8 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
         "eval.calibration_reference='ground_truth' needs a per-example 0/1 metric (data.task='vqa')")
   for name in ('risk_delta', 'risk_epsilon'):
     check(0 < number(name) < 1, f'eval.{name}={e[name]} must be in (0, 1)')
-  for name, low in (('max_new_tokens', 1), ('batch_size', 1), ('timing_repeats', 1), ('num_sweep_thresholds', 2),
-                    ('patience', 1), ('timing_examples', 0)):
+  for name, low in (('max_new_tokens', 1), ('batch_size', 1), ('quality_batch_size', 1), ('timing_repeats', 1),
+                    ('num_sweep_thresholds', 2), ('patience', 1), ('timing_examples', 0)):
     value = e[name]
     check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
           f'eval.{name}={value!r} must be an integer >= {low}')
@@ -374,13 +375,16 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, backbone: Backbon
   full_tokens, _, _, _ = ev.decode(ev.full, test_batches, test_prompts)
   quality_full, full_scores = score(ev.task, ev.texts(full_tokens), test)
   grid = sweep_grid(ev)
+  # Passes that need only tokens decode in larger batches: a row's tokens do not depend on its batch.
+  test_quality = ev.batches(test, batch_size=e.quality_batch_size)
+  test_quality_prompts = [ev.prompts(b) for b in test_quality]
 
   calibration = None
   if e.threshold >= 0:
     value = float(e.threshold)
   else:
     cal = sources.load_examples(config, 'calibration', config.data.num_calibration, image_size)
-    cal_batches = ev.batches(cal)
+    cal_batches = ev.batches(cal, batch_size=e.quality_batch_size)
     cal_prompts = [ev.prompts(b) for b in cal_batches]
     reference, _, _, _ = ev.decode(ev.full, cal_batches, cal_prompts)
     predictions = np.stack([ev.decode(ev.early, cal_batches, cal_prompts, v)[0] for v in grid])
@@ -405,7 +409,9 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, backbone: Backbon
 
   sweep = []
   for v in grid:
-    sw_tokens, _, sw_cost, sw_full = ev.decode(ev.early, test_batches, test_prompts, v)
+    sw_tokens = ev.decode(ev.early, test_quality, test_quality_prompts, v)[0]
+    # Layers and bytes per token at eval.batch_size, on the examples whose wall clock is measured.
+    _, _, sw_cost, sw_full = ev.decode(ev.early, timed, test_prompts[:len(timed)], v)
     # Interleaved with full-depth passes per threshold: a machine's speed drifts over a sweep.
     sw_timing = ev.time_interleaved(timed, test_prompts[:len(timed)], v, min(3, e.timing_repeats))
     sweep.append({'threshold': float(v), 'quality': score(ev.task, ev.texts(sw_tokens), test)[0],
