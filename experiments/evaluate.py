@@ -8,7 +8,7 @@ Writes WORKDIR/eval/summary.json and WORKDIR/eval/*.png (see `free_jax.eval.eval
 trained: the backbone and exits must already be in the workdir (experiments/train.py).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from free_jax import cli
@@ -23,6 +23,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # absl's INFO lines (backend probing, orbax) are not for this screen
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   cli.run_or_exit(pipeline.validate_config, config)
   backbone, exit_params = cli.run_or_exit(evaluator.load_run, config, _WORKDIR.value)

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+from experiments.configs import vqa
+from free_jax.eval import analysis, evaluator
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = 'experiments/configs/vqa.py:smoke'
 
@@ -83,3 +86,22 @@ def test_an_eval_dir_that_cannot_be_written_is_refused_before_the_evaluation(smo
   # The directory itself is named (the check before any decoding), not a plot or summary written at the end.
   assert result.stderr.strip().splitlines()[-1] == f'error: {eval_dir} is not writable: Operation not permitted'
   assert (eval_dir / 'summary.json').read_bytes() == summary
+
+
+def test_an_evaluation_killed_while_plotting_leaves_the_old_summary_with_its_own_plots(smoke_run, tmp_path,
+                                                                                    monkeypatch):
+  workdir = tmp_path / 'run'
+  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns('tensorboard'))
+  eval_dir = workdir / 'eval'
+  before = {p.name: p.read_bytes() for p in eval_dir.iterdir()}
+  config = vqa.get_config('smoke')
+  with config.unlocked():
+    config.eval.threshold = 0.5  # another evaluation than the stored one
+  backbone, exit_params = evaluator.load_run(config, str(workdir))
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt  # as a kill between two plots would stop the run
+  monkeypatch.setattr(analysis, 'plot_modes', killed)  # the last plot: the others are already drawn
+  with pytest.raises(KeyboardInterrupt):
+    evaluator.early_exit_evaluation(config, str(workdir), backbone, exit_params, reuse=False)
+  assert {p.name: p.read_bytes() for p in eval_dir.iterdir() if not p.name.startswith('.')} == before
