@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -113,7 +114,15 @@ def run_or_exit(fn: Callable[..., Any], *args, exit_now: bool = True, **kwargs) 
     if message is None:
       raise
     sys.stdout.flush()
-    print(f'error: {message}', file=sys.stderr, flush=True)
-    if exit_now:
-      os._exit(1)  # pylint: disable=protected-access
-    raise SystemExit(1) from None
+    if not exit_now:
+      print(f'error: {message}', file=sys.stderr, flush=True)
+      raise SystemExit(1) from None
+    sys.stderr.flush()
+    # Background threads may still be reporting (tensorstore's "Event loop is closed"): from here on stderr goes
+    # nowhere for them, and the line goes to a private copy of it, so it is the last one whatever they print.
+    own_stderr = os.dup(2)
+    with open(os.devnull, 'wb') as devnull:
+      os.dup2(devnull.fileno(), 2)
+    time.sleep(0.1)  # for writes already under way to the old stderr to land before the line
+    os.write(own_stderr, f'error: {message}\n'.encode())
+    os._exit(1)  # pylint: disable=protected-access

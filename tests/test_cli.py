@@ -3,6 +3,7 @@
 import errno
 import logging
 import os
+import subprocess
 import sys
 
 import pytest
@@ -66,3 +67,31 @@ def test_closed_event_loop_reports_of_writer_threads_are_silent_and_others_are_n
   assert capsys.readouterr().err == ''
   sys.excepthook(RuntimeError, RuntimeError('something else'), None)
   assert capsys.readouterr().err.strip().splitlines()[-1] == 'RuntimeError: something else'
+
+
+def test_the_error_line_is_last_even_while_a_background_thread_keeps_writing_to_stderr():
+  # A thread that writes to stderr (through Python and through the file descriptor, as C libraries do) for as
+  # long as the process lives: nothing it writes may follow the one-line error.
+  script = '''
+import os, sys, threading, time
+from free_jax import cli
+sys.setswitchinterval(1e-6)  # the threads interleave as often as they can
+
+def chatter():
+  while True:
+    sys.stderr.write("Traceback (most recent call last):\\n    RuntimeError\\n")
+    os.write(2, b"    RuntimeError\\n")
+    time.sleep(1e-4)
+
+def fail():
+  for _ in range(4):
+    threading.Thread(target=chatter, daemon=True).start()
+  time.sleep(0.05)
+  raise ValueError("the backbone checkpoint is unreadable")
+
+cli.run_or_exit(fail)
+'''
+  for _ in range(10):
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == 'error: the backbone checkpoint is unreadable'
