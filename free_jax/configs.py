@@ -131,7 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.quality_batch_size = 32     # decoding batch size of the passes that only need tokens (calibration, the
                                      # threshold sweep's qualities): the same tokens, many times faster
   c.eval.timing_repeats = 5          # repeats of the interleaved full vs early-exit timing (medians)
-  c.eval.num_sweep_thresholds = 11   # thresholds in the quality-vs-speedup sweep (denser near 1: `sweep_grid`)
+  c.eval.num_calibration_thresholds = 11  # candidate thresholds of the calibration, tested in sequence from 1 down
+                                          # (denser near 1: `evaluator.threshold_grid`); each is one token-only pass
+  c.eval.num_sweep_thresholds = 7    # thresholds of the timed quality-vs-speedup sweep (the same kind of grid)
   c.eval.calibration_method = 'ltt'  # 'ltt' (Learn-then-Test) or 'crc' (conformal risk control)
   c.eval.prefill = 'early_exit'      # 'early_exit': the prompt step may exit too; 'full': prompt at full depth
   c.eval.propagation = 'recompute'   # skipped layers' K/V: 'recompute' (exact, deferred) or 'calm' (projected)
@@ -139,6 +141,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Speculative decoding (lossless: drafts by an exit, verified by the deeper layers): the draft lengths k
   # tried with every exit on the calibration split; the fastest is evaluated on the test split. (): skip.
   c.eval.draft_lengths = (2, 4)
+  c.eval.selection_examples = 32     # calibration examples timed per (draft exit, k) choice (capped by the timed
+                                     # test examples): a ranking needs fewer than the reported figure
   return c
 
 
@@ -168,7 +172,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.steps, c.train.batch_size, c.train.warmup_steps = 10, 16, 2
   c.train.log_every, c.train.checkpoint_every = 5, 5
   c.discriminator.hidden = 32
-  c.eval.timing_repeats, c.eval.num_sweep_thresholds = 2, 3
+  c.eval.timing_repeats, c.eval.num_sweep_thresholds, c.eval.num_calibration_thresholds = 2, 3, 3
   c.eval.draft_lengths = ()
   return c
 

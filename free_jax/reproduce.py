@@ -104,6 +104,7 @@ GRIDS = {
                  overrides={'train.steps': 300, 'train.warmup_steps': 30, 'train.log_every': 50,
                             'train.checkpoint_every': 150, 'data.num_calibration': 300, 'data.num_test': 400,
                             'eval.risk_delta': 0.05, 'eval.num_sweep_thresholds': 5,
+                            'eval.num_calibration_thresholds': 5,
                             'eval.timing_examples': 48, 'eval.timing_repeats': 3}),
     'smoke': Grid(methods=('free', 'ce_only', 'pabee', 'free_unsup_kd'), label_fractions=(0.5, 1.0),
                   seeds=(0,),

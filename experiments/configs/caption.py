@@ -16,7 +16,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   # A caption is 32 decode steps, evaluated at batch 1 for its wall clock and costs: fewer examples keep the run's
   # evaluation to ~20 minutes on 2 CPU cores at width 512 (CIDEr over 300 captions; LTT at delta 0.05 needs ~1000).
   c.data.num_test, c.data.num_calibration = 300, 1000
-  c.eval.num_sweep_thresholds = 7
+  c.eval.num_calibration_thresholds = 7  # each candidate is a pass over the 1000 calibration captions
   c.eval.timing_examples = 32      # 32 captions time ~1000 decode steps per pass
   return configs.finalize(c, arg, smoke_overrides=_smoke)
 

@@ -275,17 +275,16 @@ def _losses(ev: Evaluator, predictions: np.ndarray, reference_tokens: np.ndarray
                    "'full_model' or 'ground_truth'")
 
 
-def sweep_grid(ev: Evaluator) -> np.ndarray:
-  """Settings from the most conservative to the most aggressive (thresholds, or patience k).
+def threshold_grid(ev: Evaluator, count: int) -> np.ndarray:
+  """`count` settings from the most conservative to the most aggressive (thresholds, or patience k: all of them).
 
-  Thresholds: 1, then 1 - g for g geometric from 1e-3 to 1 (11 of them: 1, 0.999, 0.998, 0.995, 0.99, 0.978, 0.954,
+  Thresholds: 1, then 1 - g for g geometric from 1e-3 to 1 (for 11: 1, 0.999, 0.998, 0.995, 0.99, 0.978, 0.954,
   0.9, 0.785, 0.536, 0). A trained exit's confidence crowds near 1, so an even grid leaves the thresholds that
   lose less than a point (0.95-0.999 here) untested and calibration jumps from full depth to a 2-point loss.
   """
-  e = ev.config.eval
-  if e.confidence == 'patience':
+  if ev.config.eval.confidence == 'patience':
     return np.arange(len(ev.exit_layers) + 1, 0, -1, dtype=np.float64)
-  return np.concatenate([[1.0], 1.0 - np.geomspace(1e-3, 1.0, e.num_sweep_thresholds - 1)])
+  return np.concatenate([[1.0], 1.0 - np.geomspace(1e-3, 1.0, count - 1)])
 
 
 def check_eval_config(config: ml_collections.ConfigDict) -> None:
@@ -312,7 +311,8 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
   for name in ('risk_delta', 'risk_epsilon'):
     check(0 < number(name) < 1, f'eval.{name}={e[name]} must be in (0, 1)')
   for name, low in (('max_new_tokens', 1), ('batch_size', 1), ('quality_batch_size', 1), ('timing_repeats', 1),
-                    ('num_sweep_thresholds', 2), ('patience', 1), ('timing_examples', 0)):
+                    ('num_sweep_thresholds', 2), ('num_calibration_thresholds', 2), ('patience', 1), ('timing_examples', 0),
+                    ('selection_examples', 1)):
     value = e[name]
     check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
           f'eval.{name}={value!r} must be an integer >= {low}')
@@ -374,7 +374,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, backbone: Backbon
   test_prompts = [ev.prompts(b) for b in test_batches]
   full_tokens, _, _, _ = ev.decode(ev.full, test_batches, test_prompts)
   quality_full, full_scores = score(ev.task, ev.texts(full_tokens), test)
-  grid = sweep_grid(ev)
+  grid = threshold_grid(ev, e.num_sweep_thresholds)
   # Passes that need only tokens decode in larger batches: a row's tokens do not depend on its batch.
   test_quality = ev.batches(test, batch_size=e.quality_batch_size)
   test_quality_prompts = [ev.prompts(b) for b in test_quality]
@@ -387,8 +387,9 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, backbone: Backbon
     cal_batches = ev.batches(cal, batch_size=e.quality_batch_size)
     cal_prompts = [ev.prompts(b) for b in cal_batches]
     reference, _, _, _ = ev.decode(ev.full, cal_batches, cal_prompts)
-    predictions = np.stack([ev.decode(ev.early, cal_batches, cal_prompts, v)[0] for v in grid])
-    result = calibrate_lib.calibrate(grid, _losses(ev, predictions, reference, cal), e.risk_delta,
+    candidates = threshold_grid(ev, e.num_calibration_thresholds)
+    predictions = np.stack([ev.decode(ev.early, cal_batches, cal_prompts, v)[0] for v in candidates])
+    result = calibrate_lib.calibrate(candidates, _losses(ev, predictions, reference, cal), e.risk_delta,
                                      e.risk_epsilon, e.calibration_method)
     calibration = result.to_dict()
     value = result.threshold
@@ -509,7 +510,7 @@ def speculative_evaluation(ev: Evaluator, value: float, full_tokens: np.ndarray,
   """
   config, e = ev.config, ev.config.eval
   cal = sources.load_examples(config, 'calibration', config.data.num_calibration, ev.backbone.fmt.image_size)
-  cal_batches = ev.batches(cal, limit=min(timed * e.batch_size, config.data.num_calibration))
+  cal_batches = ev.batches(cal, limit=min(timed * e.batch_size, e.selection_examples, config.data.num_calibration))
   cal_prompts = [ev.prompts(b) for b in cal_batches]
   choices = []
   for i in range(len(ev.exit_layers)):

@@ -71,10 +71,14 @@ def test_always_exit_summary(tmp_path):
 
 def test_calibrated_threshold(tmp_path):
   backbone, exit_params = _run()
-  config = _config(threshold=-1.0, risk_delta=0.2, risk_epsilon=0.2)
+  config = _config(threshold=-1.0, risk_delta=0.2, risk_epsilon=0.2, num_calibration_thresholds=5,
+                   num_sweep_thresholds=3)
   summary = evaluator.early_exit_evaluation(config, str(tmp_path), backbone, exit_params)
   calibration = summary['calibration']
   assert calibration['method'] == 'ltt' and calibration['n'] == config.data.num_calibration
+  # The candidates are their own (denser) grid; the timed sweep has its own count.
+  assert calibration['thresholds'] == pytest.approx([1.0, 0.999, 0.99, 0.9, 0.0])
+  assert [s['threshold'] for s in summary['sweep']] == pytest.approx([1.0, 0.999, 0.0])
   assert summary['threshold'] == calibration['threshold']
   if calibration['index'] is None:
     assert summary['threshold'] == confidence.NEVER_EXIT
@@ -88,6 +92,9 @@ def test_bad_eval_config(tmp_path):
   backbone, exit_params = _run()
   with pytest.raises(ValueError, match="eval.confidence='margin'"):
     evaluator.early_exit_evaluation(_config(confidence='margin'), str(tmp_path), backbone, exit_params)
+  for name in ('selection_examples', 'num_calibration_thresholds'):
+    with pytest.raises(ValueError, match=f'eval.{name}=0 must be an integer'):
+      evaluator.early_exit_evaluation(_config(**{name: 0}), str(tmp_path), backbone, exit_params)
   with pytest.raises(ValueError, match='exit_params hold 2 exits'):
     config = _config()
     config.exits.layers = (1, 2, 3)
