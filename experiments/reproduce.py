@@ -5,16 +5,14 @@ r"""The reproduction study (free_jax.reproduce): FREE vs baselines over label fr
   python experiments/reproduce.py --workdir=workdir/study --seeds=0,1,2       # more replicates
 
 It runs on the small shipped backbone (experiments/configs/vqa.py:small) unless --config says otherwise; an
-embedded config's backbone (``WORKDIR/backbone``, as experiments/train.py trains it) is reused, or trained first. Rows go to ``WORKDIR/reproduce/``; a re-run reuses every finished row. Results: OUT/reproduction.json,
+embedded config's backbone (``WORKDIR/backbone``, as experiments/train.py trains it) is reused, or trained first.
+Rows go to ``WORKDIR/reproduce/``; a re-run reuses every finished row. Results: OUT/reproduction.json,
 OUT/reproduction.md and PNGs. docs/reproduction.md describes the grid.
 """
 
 import dataclasses
-import os
-import sys
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from free_jax import cli
@@ -33,18 +31,11 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
-    logging.set_verbosity(logging.WARNING)
+  cli.many_runs_process(_WORKDIR.value)
   grid = reproduce.get_grid(_GRID.value)
   if _SEEDS.value:
     grid = dataclasses.replace(grid, seeds=tuple(int(s) for s in _SEEDS.value))
-  # Rows of the same mode compile the same programs: a persistent cache compiles each once.
-  jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(_WORKDIR.value, 'jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  try:
-    reproduce.validate(_CONFIG.value, grid)
-  except ValueError as e:  # a bad config or grid is one line, not a traceback
-    sys.exit(f'error: {e}')
+  cli.run_or_exit(reproduce.validate, _CONFIG.value, grid)  # a bad config or grid is one line, not a traceback
   reproduce.run_study(_CONFIG.value, _WORKDIR.value, grid, out_dir=_OUT.value)
 
 

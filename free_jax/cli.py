@@ -99,6 +99,18 @@ def _without_closed_loop_errors(hook):
   return excepthook
 
 
+def many_runs_process(workdir: str) -> None:
+  """Settings of a launcher that trains many runs in one process (the study, the screen): absl's INFO lines off
+  its screen unless --verbosity asks (orbax logs every save), and compiled programs cached on disk in
+  ``workdir/jax_cache``, so runs of the same mode compile each program once."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS['verbosity'].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(workdir, 'jax_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
 def run_or_exit(fn: Callable[..., Any], *args, exit_now: bool = True, **kwargs) -> Any:
   """fn(*args, **kwargs); a user error exits (status 1) with ``error: <cause>`` as the last line.
 

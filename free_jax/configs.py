@@ -6,6 +6,7 @@ Every field is documented here, once.
 """
 
 import pathlib
+from typing import Any
 
 import ml_collections
 
@@ -103,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.free.kd_temperature = 1.0        # softmax temperature of knowledge distillation
   c.free.r1_weight = 0.0             # R1 gradient penalty on real features (0 = off)
   c.free.label_smoothing = 0.0       # one-sided smoothing of the discriminator's real label (0 = off)
+  c.free.adv_positions = 'tokens'    # where the adversarial game is played: 'tokens' (every real token, as the
+                                     # paper) or 'targets' (the positions CE/KD are taken at: the answer)
+  c.free.term_clip = 0.0             # > 0: each exit-loss term's gradient (adv, ce, kd, ...) is clipped to this
+                                     # norm before they are summed, so no term's scale crowds out the others
 
   c.train = ml_collections.ConfigDict()  # stage 2: exits and discriminators (backbone frozen)
   c.train.steps = 3000               # steps of the alternating D/G updates (800: exit 2 at 0.75, 3000: 0.88)
@@ -114,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 25             # steps between metrics.jsonl / TensorBoard records
   c.train.checkpoint_every = 200     # steps between orbax checkpoints
   c.train.keep_checkpoints = 3       # orbax max_to_keep
+  c.train.validate_every = 0         # steps between validation scores of the exits in the logs (0 = off)
+  c.train.validation_examples = 500  # calibration examples those scores are taken on (teacher-forced)
   c.train.cache_features = False     # True: run the frozen backbone once per example and reuse its exit inputs and
                                      # final states every epoch (training/frozen_features.py; decoder-only backbones
                                      # on one host; host RAM N x (E + 1) x T x D float32); False: every step
@@ -170,7 +177,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.backbone_train.warmup_steps, c.backbone_train.checkpoint_every = 5, 10
   c.data.num_train, c.data.num_calibration, c.data.num_test = 128, 32, 32
   c.train.steps, c.train.batch_size, c.train.warmup_steps = 10, 16, 2
-  c.train.log_every, c.train.checkpoint_every = 5, 5
+  c.train.log_every, c.train.checkpoint_every, c.train.validation_examples = 5, 5, 32
   c.discriminator.hidden = 32
   c.eval.timing_repeats, c.eval.num_sweep_thresholds, c.eval.num_calibration_thresholds = 2, 3, 3
   c.eval.draft_lengths = ()
@@ -194,3 +201,16 @@ def finalize(c: ml_collections.ConfigDict, arg: str,
   c.lock()
   return c
 
+
+
+def set_field(c: ml_collections.ConfigDict, path: str, value: Any) -> None:
+  """``c.<path> = value`` for a dotted path (``'train.steps'``); a path that names no field is a ValueError."""
+  *parents, name = path.split('.')
+  node = c
+  for p in parents:
+    if p not in node:
+      raise ValueError(f'override {path!r} names no config field')
+    node = node[p]
+  if name not in node:
+    raise ValueError(f'override {path!r} names no config field')
+  node[name] = value

@@ -155,13 +155,7 @@ def study_config(config: ml_collections.ConfigDict, grid: Grid) -> ml_collection
   if grid.smoke:
     configs.smoke(c)
   for path, value in grid.overrides.items():
-    *parents, name = path.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    if name not in node:
-      raise ValueError(f'grid override {path!r} names no config field')
-    node[name] = value
+    configs.set_field(c, path, value)
   return c
 
 

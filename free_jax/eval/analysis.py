@@ -169,6 +169,13 @@ def _new_axes(title: str | None):
   return fig, ax
 
 
+def _xy(name: str, x, y) -> tuple[np.ndarray, np.ndarray]:
+  x, y = np.asarray(x), np.asarray(y)
+  if x.shape != y.shape or x.ndim != 1:
+    raise ValueError(f'curve {name!r}: x {x.shape} and y {y.shape} must be 1-D of equal length')
+  return x, y
+
+
 def plot_quality_vs_speedup(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                             path: str, *, full_quality: float | None = None,
                             quality_label: str = 'quality',
@@ -186,10 +193,7 @@ def plot_quality_vs_speedup(curves: Mapping[str, tuple[Sequence[float], Sequence
   """
   fig, ax = _new_axes(title)
   for name, (speedups, qualities) in curves.items():
-    speedups, qualities = np.asarray(speedups), np.asarray(qualities)
-    if speedups.shape != qualities.shape or speedups.ndim != 1:
-      raise ValueError(f'curve {name!r}: speedups {speedups.shape} and qualities '
-                       f'{qualities.shape} must be 1-D of equal length')
+    speedups, qualities = _xy(name, speedups, qualities)
     order = np.argsort(speedups)
     ax.plot(speedups[order], qualities[order], marker='o', label=name)
   if full_quality is not None:
@@ -276,4 +280,25 @@ def plot_modes(modes: Mapping[str, tuple[float, float]], path: str, *, quality_l
   ax.axvline(1.0, color='grey', linewidth=0.8)
   ax.set_xlabel('measured decode speedup over full depth (x)')
   ax.set_xlim(0, max(1.0, float(speedup.max())) * 1.6)
+  return _save(fig, path)
+
+
+def plot_learning_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
+                         xlabel: str = 'training step', ylabel: str = 'quality', title: str | None = None) -> str:
+  """Learning curves, one line per run: dashed for controls (names containing '(').
+
+  Args:
+    curves: run name -> (steps float[P], values float[P]).
+    path: PNG file to write.
+
+  Returns:
+    path.
+  """
+  fig, ax = _new_axes(title)
+  for name, (steps, values) in curves.items():
+    steps, values = _xy(name, steps, values)
+    ax.plot(steps, values, marker='.', linestyle='--' if '(' in name else '-', label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize='small')
   return _save(fig, path)

@@ -12,7 +12,11 @@ One jitted, data-parallel program per step (`make_free_step`):
    one optax update (adversarial modes only).
 4. Exit loss with the *updated* discriminators: the non-saturating adversarial term, whose gradient
    flows through the fake features into the exit params, plus the mode's terms (`MODES`). Its
-   gradient w.r.t. features/logits is pulled back through step 2; one optax update.
+   gradient w.r.t. features/logits is pulled back through step 2 (per term, each clipped to
+   ``free.term_clip``, when that is set); one optax update.
+
+The adversarial game (D's loss, its accuracies and the adversarial term) is played on the positions
+``free.adv_positions`` names: every real token (the paper) or only the target positions.
 
 Losses and metrics are global masked means over the 'data' mesh axis (`losses`, ``axis_name``), so
 gradients of replicated params come out already averaged across devices (see `parallel`), and 1 or
@@ -26,6 +30,7 @@ rows whose labels the run may use (``data.label_fraction``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +56,8 @@ MODES = {
     'kd_only': (False, ('kd',)),
     'cosine': (False, ('cosine', 'ce')),       # the GAN replaced by cosine feature alignment
 }
+# free.adv_positions: the token mask of the adversarial game (`batch_masks`).
+ADV_POSITIONS = ('tokens', 'targets')
 
 
 def batch_masks(batch: dict[str, jax.Array], token_valid: jax.Array) -> dict[str, jax.Array]:
@@ -83,7 +90,8 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
     The step; `state` is donated. Metrics are float32 scalars: ``g_loss``, ``g_grad_norm``,
     ``d_loss``/``d_grad_norm`` (adversarial modes), and per exit ``exit{l}/<term>`` for the loss terms
     (``adv``, ``ce``, ``kd``, ``cosine``, ``pseudo`` as the mode uses them), ``exit{l}/grad_norm`` (its layer's
-    gradient before clipping) and ``exit{l}/token_acc``
+    gradient before the optimizer's clip), ``<term>_grad_norm`` (each term's gradient before its own clip, with
+    ``free.term_clip`` > 0) and ``exit{l}/token_acc``
     (vs labels), ``exit{l}/agreement`` (vs the final layer), ``exit{l}/d_real_acc``, ``exit{l}/d_fake_acc``.
   """
   stack = blip2.lm_stack(model.config, model.dtype)
@@ -92,6 +100,8 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
     raise ValueError(f'free.mode={free_config.mode!r}; expected one of {tuple(MODES)}')
   adversarial, terms = MODES[free_config.mode]
   cfg = free_config
+  if cfg.adv_positions not in ADV_POSITIONS:
+    raise ValueError(f'free.adv_positions={cfg.adv_positions!r}; expected one of {ADV_POSITIONS}')
   ax = parallel.DATA
   exit_index = jnp.asarray(layers) - 1
 
@@ -107,6 +117,7 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
       run = teacher_forced(model, backbone_params, batch)
       exit_inputs, final_hidden, token_valid, ctx = run.hiddens[exit_index], run.hiddens[-1], run.token_valid, run.ctx
     masks = batch_masks(batch, token_valid)
+    played = masks[cfg.adv_positions]  # where D sees real vs exit features
     real = stack.final_features(lm_params, final_hidden)
     final_logits = stack.logits(lm_params, real)
     apply = lambda p: exits_lib.apply_exits(stack, lm_params, p, exit_inputs, token_valid, ctx)
@@ -119,12 +130,12 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
       def d_loss_fn(d_params):
         real_logits = disc_logits(d_params, real_e)
         fake_logits = disc_logits(d_params, jax.lax.stop_gradient(fake))
-        loss = sum(losses.discriminator_loss(real_logits[e], fake_logits[e], masks['tokens'],
+        loss = sum(losses.discriminator_loss(real_logits[e], fake_logits[e], played,
                                              label_smoothing=cfg.label_smoothing, axis_name=ax)
                    for e in range(len(layers)))
         if cfg.r1_weight:
           r1 = losses.r1_penalty(lambda x: disc_logits(d_params, x), real_e,
-                                 jnp.broadcast_to(masks['tokens'], fake.shape[:-1]), axis_name=ax)
+                                 jnp.broadcast_to(played, fake.shape[:-1]), axis_name=ax)
           loss = loss + 0.5 * cfg.r1_weight * len(layers) * r1
         return loss, (real_logits, fake_logits)
 
@@ -133,7 +144,7 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
       d_params = optax.apply_updates(d_params, updates)
       metrics.update(d_loss=d_loss, d_grad_norm=optax.global_norm(d_grads))
       for e, l in enumerate(layers):
-        real_acc, fake_acc = losses.discriminator_accuracy(real_logits[e], fake_logits[e], masks['tokens'],
+        real_acc, fake_acc = losses.discriminator_accuracy(real_logits[e], fake_logits[e], played,
                                                            axis_name=ax)
         metrics.update({f'exit{l}/d_real_acc': real_acc, f'exit{l}/d_fake_acc': fake_acc})
 
@@ -150,24 +161,44 @@ def make_free_step(model: blip2.Blip2Model, exit_layers: Sequence[int], free_con
       assert name == 'cosine', name
       return cfg.kd_weight * losses.cosine_loss(fake[e], real, masks['tokens'], axis_name=ax)
 
-    def g_loss_fn(fake, logits):
-      parts = {}
-      if adversarial:
+    def part(name, fake, logits):
+      """One exit-loss term, per exit."""
+      if name == 'adv':
         fake_logits = disc_logits(d_params, fake)  # the updated discriminators
-        parts['adv'] = [cfg.adv_weight * losses.generator_loss(fake_logits[e], masks['tokens'], axis_name=ax)
-                        for e in range(len(layers))]
-      for name in terms:
-        parts[name] = [term(name, e, fake, logits) for e in range(len(layers))]
+        return [cfg.adv_weight * losses.generator_loss(fake_logits[e], played, axis_name=ax)
+                for e in range(len(layers))]
+      return [term(name, e, fake, logits) for e in range(len(layers))]
+
+    names = ('adv',) * adversarial + tuple(terms)
+
+    def loss_of(selected, fake, logits):
+      parts = {name: part(name, fake, logits) for name in selected}
       return sum(sum(v) for v in parts.values()), parts
 
-    (g_loss, parts), cotangents = jax.value_and_grad(g_loss_fn, argnums=(0, 1), has_aux=True)(fake, logits)
-    (g_grads,) = pullback(cotangents)
+    if cfg.term_clip:
+      # One pullback per term, each clipped to its own norm before the sum (the optimizer's global clip follows).
+      parts, clipped = {}, []
+      for name in names:
+        (_, term_parts), cotangents = jax.value_and_grad(functools.partial(loss_of, (name,)), argnums=(0, 1),
+                                                         has_aux=True)(fake, logits)
+        parts.update(term_parts)
+        (grads,) = pullback(cotangents)
+        norm = optax.global_norm(grads)
+        metrics[f'{name}_grad_norm'] = norm
+        scale = jnp.minimum(1.0, cfg.term_clip / jnp.maximum(norm, 1e-12))
+        clipped.append(jax.tree.map(lambda g, scale=scale: g * scale, grads))
+      g_loss = sum(sum(v) for v in parts.values())
+      g_grads = jax.tree.map(lambda *g: sum(g), *clipped)
+    else:
+      (g_loss, parts), cotangents = jax.value_and_grad(functools.partial(loss_of, names), argnums=(0, 1),
+                                                       has_aux=True)(fake, logits)
+      (g_grads,) = pullback(cotangents)
     updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.exits)
     exit_params = optax.apply_updates(state.exits, updates)
     metrics.update(g_loss=g_loss, g_grad_norm=optax.global_norm(g_grads))
     for e, l in enumerate(layers):
       metrics.update({f'exit{l}/{name}': values[e] for name, values in parts.items()})
-      # Before clipping: shows whether one exit's (or the adversary's) gradient dominates the shared clip.
+      # Before the optimizer's clip: shows whether one exit's (or the adversary's) gradient dominates it.
       metrics[f'exit{l}/grad_norm'] = optax.global_norm(jax.tree.map(lambda g: g[e], g_grads['layers']))
       metrics[f'exit{l}/token_acc'] = losses.token_accuracy(logits[e], batch['labels'], masks['targets'],
                                                             axis_name=ax)

@@ -35,10 +35,10 @@ from absl import logging
 from free_jax import configs
 from free_jax.backbone import PROBE_EXAMPLES, Backbone, check, make_input_format
 from free_jax import exits as exits_lib
-from free_jax import exits_io, shipped, teacher_forcing, vlm, workdir_lock
+from free_jax import exits_io, shipped, vlm, workdir_lock
 from free_jax.data import batching, sort_of_clevr, sources
 from free_jax.data import tokenizer as tokenizer_lib
-from free_jax.eval import evaluator
+from free_jax.eval import evaluator, teacher_scores
 from free_jax.models import blip2
 from free_jax.models.opt import OPTConfig
 from free_jax.models.qformer import QFormerConfig
@@ -149,6 +149,14 @@ def validate_config(config: ml_collections.ConfigDict) -> blip2.Blip2Config:
              f'(got {config.data.source!r}); set it to 0')
   for name in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
     check(config.train[name] >= 1, f'train.{name}={config.train[name]} must be >= 1')
+  check(config.train.validate_every >= 0, f'train.validate_every={config.train.validate_every} must be >= 0')
+  if config.train.validate_every:
+    check(1 <= config.train.validation_examples <= config.data.num_calibration,
+          f'train.validation_examples={config.train.validation_examples} must be in [1, data.num_calibration='
+          f'{config.data.num_calibration}] (they are calibration examples)')
+  check(config.free.adv_positions in free_step.ADV_POSITIONS,
+        f'free.adv_positions={config.free.adv_positions!r}; expected one of {free_step.ADV_POSITIONS}')
+  check(config.free.term_clip >= 0, f'free.term_clip={config.free.term_clip} must be >= 0 (0 = off)')
   check(config.data.num_test >= 1, f'data.num_test={config.data.num_test} must be >= 1')
   model_config = _model_config(config)
   num_layers = blip2.lm_stack(model_config).num_layers
@@ -378,11 +386,13 @@ def _global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
 
 def train_loop(state, step_fn: Callable, ckpt: checkpoint.Checkpointer, run_dir: str, mesh, *, total_steps: int,
                batches: Callable[[int], Iterator[dict]], log_every: int, checkpoint_every: int,
-               progress_keys: Sequence[str], desc: str):
+               progress_keys: Sequence[str], desc: str, validate: Callable[[Any], dict] | None = None,
+               validate_every: int = 0):
   """Resumes from the newest readable checkpoint, trains to `total_steps`, saves the final state.
 
   A NaN/inf metric raises FloatingPointError before anything of that step is saved, so the last
-  good checkpoint stays the newest one.
+  good checkpoint stays the newest one. With `validate`, ``validate(state)``'s scalars join the step's record every
+  `validate_every` steps and at the last one (a learning curve in metrics.jsonl and TensorBoard).
   """
   restored = ckpt.restore_latest(jax.tree.map(np.asarray, state))
   start = 0
@@ -398,8 +408,9 @@ def train_loop(state, step_fn: Callable, ckpt: checkpoint.Checkpointer, run_dir:
       state, metrics = step_fn(state, _global_batch(next(data), mesh))
       metrics = jax.device_get(metrics)
       checkpoint.check_finite(metrics, step)
-      if step % log_every == 0 or step == total_steps:
-        progress.update(step, writer.write(step, metrics))
+      validated = validate is not None and (step % validate_every == 0 or step == total_steps)
+      if validated or step % log_every == 0 or step == total_steps:
+        progress.update(step, writer.write(step, dict(metrics, **(validate(state) if validated else {}))))
       if step % checkpoint_every == 0 or step == total_steps:
         ckpt.save(step, state, data_position=step, final=step == total_steps)
   finally:
@@ -439,8 +450,9 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
                mesh: jax.sharding.Mesh) -> state_lib.FreeState:
   """Stage 2: trains (or resumes, or just restores when finished) the exits and discriminators."""
   state = init_free_state(config, backbone)
-  # Evaluation settings do not change training, so they may differ on a re-run.
+  # Evaluation and validation settings do not change training, so they may differ on a re-run.
   trained_on = {k: _to_dict(v) for k, v in config.items() if k != 'eval'}
+  trained_on['train'] = {k: v for k, v in trained_on['train'].items() if k not in _VALIDATION_FIELDS}
   with checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints,
                                config_hash=checkpoint.config_hash(trained_on)) as ckpt:
     if ckpt.is_finished():
@@ -462,6 +474,8 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
     params = sharding.place_backbone(backbone.params, mesh, config.train.backbone_sharding)
     adversarial = free_step.MODES[config.free.mode][0]
     state = train_loop(state, lambda s, b: step_fn(s, params, b), ckpt, workdir, mesh,
+                       validate=_exit_validation(config, backbone) if config.train.validate_every else None,
+                       validate_every=config.train.validate_every,
                        total_steps=config.train.steps,
                        batches=lambda start: train_batches(examples, backbone, config.data.task,
                                                            config.train.batch_size, config.data.seed, start),
@@ -469,6 +483,23 @@ def exit_stage(config: ml_collections.ConfigDict, workdir: str, backbone: Backbo
                        progress_keys=('d_loss', 'g_loss') if adversarial else ('g_loss',), desc='exits')
   _save_exits(config, workdir, backbone, state.exits)
   return state
+
+
+_VALIDATION_FIELDS = ('validate_every', 'validation_examples')
+
+
+def _exit_validation(config: ml_collections.ConfigDict, backbone: Backbone) -> Callable[[Any], dict]:
+  """state -> {'val/exit{l}/answer_acc', 'val/exit{l}/token_acc', ...}: teacher-forced scores on the first
+  ``train.validation_examples`` calibration examples (held out from training, like the threshold they calibrate)."""
+  examples = load_examples(config, 'calibration', config.train.validation_examples, backbone.fmt.image_size)
+  scorer = teacher_scores.TeacherScorer(backbone, config.exits.layers, config.data.task, config.train.batch_size)
+
+  def validate(state) -> dict:
+    scores = scorer(state.exits, examples)
+    return {f'val/{name}/{kind}': value for kind, values in (('answer_acc', scores.answer_accuracy()),
+                                                              ('token_acc', scores.token_accuracy()))
+            for name, value in values.items()}
+  return validate
 
 
 def exit_training_examples(config: ml_collections.ConfigDict, workdir: str, backbone: Backbone) -> dict:
@@ -502,38 +533,19 @@ def _save_exits(config, workdir: str, backbone: Backbone, exit_params: PyTree) -
 
 
 def evaluate_stage(config: ml_collections.ConfigDict, backbone: Backbone, exit_params: PyTree) -> dict:
-  """Teacher-forced answer accuracy of every exit and of the backbone on the test split, per question type.
-
-  An answer counts as right when every target token (answer and EOS) is the argmax given the true
-  prefix, which for greedy decoding is the same as generating exactly the target.
+  """Teacher-forced answer accuracy of every exit and of the backbone on the test split, per question type
+  (`teacher_scores`).
 
   Returns:
     {'exit_layers', 'num_layers', 'num_test', 'accuracy': {name: {question_type | 'all': float}},
      'token_accuracy': {name: float}} with names 'exit{l}' and 'backbone'.
   """
-  layers = tuple(config.exits.layers)
   examples = load_examples(config, 'test', config.data.num_test, backbone.fmt.image_size)
-  predict = jax.jit(lambda p, e, b: teacher_forcing.exit_predictions(backbone.model, p, e, layers, b))
-  names = [f'exit{l}' for l in layers] + ['backbone']
-  right, token_hits, token_count, kinds = [], np.zeros(len(names)), 0, []
-  for chunk in batching.iterate_batches(examples, config.train.batch_size, 0, shuffle=False, num_epochs=1,
-                                        drop_remainder=False):
-    batch = batching.train_batch(chunk, backbone.tokenizer, backbone.fmt, config.data.task)
-    tokens = np.asarray(predict(backbone.params, exit_params, batch))
-    mask = teacher_forcing.target_mask(batch)
-    hit = (tokens == batch['labels'][None]) | ~mask[None]
-    rows = batch['valid']
-    right.append(hit.all(-1)[:, rows])
-    token_hits += ((tokens == batch['labels'][None]) & mask[None]).sum((1, 2))
-    token_count += mask.sum()
-    kinds += list(np.asarray(chunk.get('question_type', ['all'] * len(rows)))[rows])
-  right, kinds = np.concatenate(right, 1), np.asarray(kinds)
-  accuracy = {}
-  for i, name in enumerate(names):
-    accuracy[name] = {k: float(right[i, kinds == k].mean()) for k in sorted(set(kinds))}
-    accuracy[name]['all'] = float(right[i].mean())
-  return {'exit_layers': list(layers), 'num_layers': backbone.num_layers, 'num_test': int(right.shape[1]),
-          'accuracy': accuracy, 'token_accuracy': dict(zip(names, (token_hits / token_count).tolist()))}
+  scorer = teacher_scores.TeacherScorer(backbone, config.exits.layers, config.data.task, config.train.batch_size)
+  scores = scorer(exit_params, examples)
+  return {'exit_layers': list(config.exits.layers), 'num_layers': backbone.num_layers,
+          'num_test': int(scores.right.shape[1]), 'accuracy': scores.per_kind(),
+          'token_accuracy': scores.token_accuracy()}
 
 
 def format_table(summary: dict) -> str:

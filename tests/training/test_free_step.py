@@ -9,12 +9,13 @@ from free_jax.data import batching
 from free_jax.training import free_step, parallel, pipeline
 
 
-def _setup(g_learning_rate=3e-4, **free):
+def _setup(g_learning_rate=3e-4, grad_clip=1.0, **free):
   config = vqa.get_config('smoke')
   with config.unlocked():
     config.free.update(free)
     config.train.warmup_steps = 0  # a warmup starts at learning rate 0: one step would change nothing
     config.train.g_learning_rate = g_learning_rate
+    config.train.grad_clip = grad_clip
   backbone = pipeline.untrained_backbone(config)
   model, tok, fmt = backbone.model, backbone.tokenizer, backbone.fmt
   examples = pipeline.load_examples(config, 'train', 8, fmt.image_size)
@@ -108,3 +109,37 @@ def test_ce_only_loss_falls():
     state, metrics = step(state, backbone.params, batch)
     losses.append(float(metrics['g_loss']))
   assert losses[-1] < losses[0] - 0.3 and all(np.diff(losses) < 0), losses
+
+
+def test_per_term_pullbacks_add_up_to_the_joint_step():
+  """free.term_clip pulls each term back on its own: with a bound no term reaches, the step is the joint one."""
+  config, backbone, batch, joint = _setup(grad_clip=0.0)
+  _, _, _, split = _setup(grad_clip=0.0, term_clip=1e9)
+  (s1, m1), (s2, m2) = (step(pipeline.init_free_state(config, backbone), backbone.params, batch)
+                        for step in (joint, split))
+  for key in ('g_loss', 'g_grad_norm', *(f'exit{l}/grad_norm' for l in config.exits.layers)):
+    assert float(m1[key]) == pytest.approx(float(m2[key]), rel=1e-5), key
+  # Adam turns float noise in near-zero gradient entries into steps of up to ~lr/10: close, not bitwise.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=3e-5), _copy(s1.exits), _copy(s2.exits))
+  assert m2['adv_grad_norm'] > 0 and m2['ce_grad_norm'] > 0 and 'adv_grad_norm' not in m1
+
+
+def test_term_clip_bounds_every_term():
+  config, backbone, batch, step = _setup(grad_clip=0.0, term_clip=1e-4)
+  _, metrics = step(pipeline.init_free_state(config, backbone), backbone.params, batch)
+  assert min(metrics['adv_grad_norm'], metrics['ce_grad_norm']) > 1e-4  # both were clipped ...
+  assert metrics['g_grad_norm'] <= 2e-4 * (1 + 1e-4)  # ... so their sum is at most the two bounds
+
+
+@pytest.mark.parametrize('positions', free_step.ADV_POSITIONS)
+def test_the_adversarial_game_is_played_where_adv_positions_says(positions):
+  """'targets': D and the adversarial term see only target positions, so a batch without targets has no game."""
+  config, backbone, batch, step = _setup(adv_positions=positions)
+  _, metrics = step(pipeline.init_free_state(config, backbone), backbone.params,
+                    dict(batch, loss_mask=np.zeros_like(batch['loss_mask'])))
+  assert (metrics['d_loss'] == 0 and metrics['exit1/adv'] == 0) == (positions == 'targets')
+
+
+def test_an_unknown_adv_positions_is_refused():
+  with pytest.raises(ValueError, match="free.adv_positions='answers'"):
+    _setup(adv_positions='answers')
