@@ -36,7 +36,7 @@ import numpy as np
 import scipy.stats
 
 from free_jax import configs
-from free_jax.eval import analysis, evaluator
+from free_jax.eval import analysis, evaluator, paired, teacher_scores
 from free_jax.training import checkpoint, free_step, parallel, pipeline
 
 STUDY_DIR = 'reproduce'
@@ -44,6 +44,10 @@ JSON_FILE = 'reproduction.json'
 MARKDOWN_FILE = 'reproduction.md'
 RECORD_FILE = 'record.json'  # a run's figures and timings, next to its eval/
 PAPER_SPEEDUP = 1.51  # the paper's headline speedup
+RIGHT_FILE = 'test_right.npz'  # a run's teacher-forced right/wrong per exit and test question, next to its record
+SIGNIFICANCE = 0.05
+# free.* fields a method's recipe may change (`Method.overrides`); they name its training directory.
+_RECIPE_FIELDS = ('adv_weight', 'adv_positions', 'term_clip', 'ce_weight', 'kd_weight')
 # Scalars of an evaluation summary (or derived from it) that rows aggregate over seeds.
 _SCALARS = ('quality', 'quality_full', 'speedup_decode_wallclock', 'speedup_layers',
             'speedup_end_to_end_wallclock', 'speedup_at_comparable_quality', 'threshold', 'mean_exit_layer',
@@ -58,6 +62,7 @@ class Method:
   mode: str
   confidence: str = 'max_prob'
   description: str = ''
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config fields (dotted path -> value)
 
   @property
   def uses_labels(self) -> bool:
@@ -164,6 +169,8 @@ def row_config(base: ml_collections.ConfigDict, method: str, label_fraction: flo
   """The config of one run: the method's mode and decision, its label share and the seed replicate."""
   m = METHODS[method]
   c = copy.deepcopy(base)
+  for path, value in m.overrides.items():
+    configs.set_field(c, path, value)
   c.free.mode = m.mode
   c.eval.confidence = m.confidence
   c.data.label_fraction = label_fraction if m.uses_labels else 0.0  # label-free: one run for every fraction
@@ -179,6 +186,11 @@ def _fraction_name(fraction: float) -> str:
 def run_dirs(workdir: str, config: ml_collections.ConfigDict) -> tuple[str, str]:
   """(training dir, evaluation dir) of a row config; equal configs share them, which is the deduplication."""
   name = f'{config.free.mode}-labels{_fraction_name(config.data.label_fraction)}-seed{config.seed}'
+  recipe = {k: config.free[k] for k in _RECIPE_FIELDS if config.free[k] != configs.base_config().free[k]}
+  recipe.update({k: config.train[k] for k in ('g_learning_rate', 'd_learning_rate', 'grad_clip')
+                 if config.train[k] != configs.base_config().train[k]})
+  if recipe:  # a method with its own recipe (`Method.overrides`) trains apart from the default one
+    name += f'-{checkpoint.config_hash(recipe)[:8]}'
   train_dir = os.path.join(workdir, STUDY_DIR, name)
   eval_hash = checkpoint.config_hash({'eval': config.eval.to_dict(), 'test_seed': config.data.test_seed,
                                       'num_test': config.data.num_test, 'calibration_seed': config.data.seed,
@@ -229,7 +241,8 @@ def run_record(summary: Mapping[str, Any], comparable_drop: float) -> dict:
 
 def run_one(config: ml_collections.ConfigDict, workdir: str, backbone: pipeline.Backbone, mesh,
             comparable_drop: float) -> dict:
-  """Trains (or restores) a row's exits and evaluates them; a finished run's record is read back as is."""
+  """Trains (or restores) a row's exits and evaluates them; a finished run's record is read back as is.
+  Its per-question teacher-forced scores on the test split go to `RIGHT_FILE` (the paired tests)."""
   train_dir, eval_dir = run_dirs(workdir, config)
   record_path = os.path.join(eval_dir, RECORD_FILE)
   if os.path.exists(record_path):
@@ -241,6 +254,10 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, backbone: pipeline.
   start = time.perf_counter()
   summary = evaluator.early_exit_evaluation(config, eval_dir, backbone, state.exits)
   eval_s = time.perf_counter() - start
+  test = pipeline.load_examples(config, 'test', config.data.num_test, backbone.fmt.image_size)
+  scores = teacher_scores.TeacherScorer(backbone, config.exits.layers, config.data.task,
+                                        config.train.batch_size)(state.exits, test)
+  np.savez(os.path.join(eval_dir, RIGHT_FILE), right=scores.right)
   record = run_record(summary, comparable_drop)
   record.update(train_s=train_s, eval_s=eval_s, run=os.path.relpath(eval_dir, workdir))
   with open(record_path + '.tmp', 'w') as f:
@@ -314,6 +331,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, grid: str | Grid 
       rows.append({'method': method, 'label_fraction': fraction, 'labels_used': m.uses_labels,
                    'mode': m.mode, 'confidence': m.confidence, 'description': m.description,
                    'seeds': list(grid.seeds), **aggregate(records)})
+  add_paired(rows, workdir)
   wall_s = time.perf_counter() - start
   log(f'[reproduce] {len(rows)} rows from {len(done)} runs in {wall_s:.0f} s '
       f'(backbone stage {backbone_s:.0f} s)')
@@ -322,6 +340,26 @@ def run_study(config: ml_collections.ConfigDict, workdir: str, grid: str | Grid 
     write_results(rows, out_dir, grid, meta={'wall_s': wall_s, 'backbone_s': backbone_s, 'runs': len(done),
                                              'runs_s': runs_s})
   return rows
+
+
+def add_paired(rows: Sequence[dict], workdir: str, reference: str = 'ce_only') -> None:
+  """Adds ``paired_vs_<reference>`` to every other row that has a `reference` row at its label fraction: per exit,
+  `paired.compare` over the seeds' test questions (seed i against seed i), and ``mean_exit``: the paired-bootstrap
+  interval of the difference in the share of exits right per question (the claims' figure)."""
+  def right(row):
+    return np.stack([np.load(os.path.join(workdir, run, RIGHT_FILE))['right'] for run in row['runs']])
+
+  for row in rows:
+    ref = _find(rows, reference, row['label_fraction'])
+    if ref is None or ref is row:
+      continue
+    a, b = right(row), right(ref)  # bool[S, E + 1, N]
+    exits = list(row['per_exit_quality'])[:-1]
+    result = {name: paired.compare(a[:, i], b[:, i]).to_dict() for i, name in enumerate(exits)}
+    share_a, share_b = a[:, :-1].mean(1), b[:, :-1].mean(1)
+    low, high = paired.paired_bootstrap(share_a, share_b)
+    result['mean_exit'] = {'diff': float(share_a.mean() - share_b.mean()), 'low': low, 'high': high}
+    row[f'paired_vs_{reference}'] = result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -364,6 +402,23 @@ def _compare(a: Mapping, b: Mapping, key: str, lower_is_better: bool = False) ->
   return f'inconclusive (inside the 95% interval, ±{error:.3f})', diff
 
 
+def paired_verdict(result: Mapping[str, Mapping[str, float]]) -> tuple[str, str]:
+  """(verdict, per-exit text) of one paired comparison (`add_paired`): 'holds' when the mean-exit interval lies
+  above 0 and no exit is significantly worse (McNemar p < SIGNIFICANCE), 'does not hold' when the interval lies
+  below 0 or some exit is significantly worse, else 'inconclusive'."""
+  exits = {k: v for k, v in result.items() if k != 'mean_exit'}
+  worse = any(t['p_value'] < SIGNIFICANCE and t['diff'] < 0 for t in exits.values())
+  mean = result['mean_exit']
+  if worse or mean['high'] < 0:
+    verdict = 'does not hold'
+  elif mean['low'] > 0:
+    verdict = 'holds'
+  else:
+    verdict = 'inconclusive (the paired 95% interval holds 0)'
+  tests = ', '.join(f"{k} {t['diff']:+.3f} (McNemar p={t['p_value']:.2g})" for k, t in exits.items())
+  return verdict, tests
+
+
 def claims(rows: Sequence[Mapping[str, Any]], comparable_drop: float) -> list[str]:
   """The paper's three claims checked on the rows, one markdown bullet per comparison (FREE vs CE exits)."""
   lines = []
@@ -374,24 +429,32 @@ def claims(rows: Sequence[Mapping[str, Any]], comparable_drop: float) -> list[st
                  f'(naive exits through the frozen head: {" / ".join(f"{q:.3f}" for q in naive)}, within two '
                  'standard errors of each other), so exits cannot lose quality and the comparisons below do '
                  'not test the claims; train a stronger backbone first.')
+  # No dip in the backbone's own per-layer curve: nothing for any exit training to reduce, so no 2b row.
+  no_crisis = rows[0]['naive_mid_crisis_dip'] == 0
+  if no_crisis:
+    lines.append(f'- (2b) a smaller mid-crisis dip **cannot be tested here**: the backbone\'s quality rises '
+                 f'monotonically with depth (naive exits through the frozen head, at the exit layers then the last: '
+                 f'{" / ".join(f"{q:.3f}" for q in naive)}), so there is no dip to reduce.')
   fractions = sorted({r['label_fraction'] for r in rows})
   for fraction in fractions:
     free, ce = _find(rows, 'free', fraction), _find(rows, 'ce_only', fraction)
     if free is None or ce is None:
       continue
     pct = _fraction_name(fraction)
-    verdict, diff = _compare(free, ce, 'mean_exit_quality')
+    verdict, tests = paired_verdict(free['paired_vs_ce_only'])
+    mean = free['paired_vs_ce_only']['mean_exit']
     lines.append(f'- (1) adversarial exits beat CE exits at {pct}% labels: **{verdict}** — mean exit '
-                 f'quality {_pm(free, "mean_exit_quality")} (FREE) vs {_pm(ce, "mean_exit_quality")} (CE), '
-                 f'difference {diff:+.3f}; early-exit quality {_pm(free, "quality")} vs '
+                 f'quality {_pm(free, "mean_exit_quality")} (FREE) vs {_pm(ce, "mean_exit_quality")} (CE), paired '
+                 f'difference {mean["diff"]:+.3f} (95% interval {mean["low"]:+.3f} to {mean["high"]:+.3f}, test '
+                 f'questions and seeds resampled); per exit {tests}; early-exit quality {_pm(free, "quality")} vs '
                  f'{_pm(ce, "quality")}.')
     verdict, diff = _compare(free, ce, 'overthinking_rate', lower_is_better=True)
     lines.append(f'- (2a) less overthinking at {pct}% labels: **{verdict}** — '
                  f'{_pm(free, "overthinking_rate")} (FREE) vs {_pm(ce, "overthinking_rate")} (CE).')
     verdict, diff = _compare(free, ce, 'mid_crisis_dip', lower_is_better=True)
-    lines.append(f'- (2b) smaller mid-crisis dip at {pct}% labels: **{verdict}** — dip '
+    lines += [] if no_crisis else [f'- (2b) smaller mid-crisis dip at {pct}% labels: **{verdict}** — dip '
                  f'{_pm(free, "mid_crisis_dip")} (FREE) vs {_pm(ce, "mid_crisis_dip")} (CE); naive exits '
-                 f'(frozen head) {free["naive_mid_crisis_dip"]:.3f}.')
+                 f'(frozen head) {free["naive_mid_crisis_dip"]:.3f}.']
     fast = free['speedup_at_comparable_quality']
     verdict = 'holds' if fast >= PAPER_SPEEDUP else 'does not hold'
     best, measured, layers = (_pm(free, k, '.2f') for k in ('speedup_at_comparable_quality',

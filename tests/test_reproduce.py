@@ -43,6 +43,8 @@ def test_smoke_study_writes_rows_tables_and_plots(study):
     assert list(r['per_exit_quality']) == ['exit1', 'exit2', 'final']
     assert r['per_exit_quality']['final'] == rows[0]['per_exit_quality']['final']  # one backbone
     assert r['quality_full'] == rows[0]['quality_full']
+  free = [r for r in rows if r['method'] == 'free']
+  assert all(set(r['paired_vs_ce_only']) == {'exit1', 'exit2', 'mean_exit'} for r in free)
   md = (out / reproduce.MARKDOWN_FILE).read_text()
   for m in grid.methods:
     assert f'| {m}' in md
@@ -110,25 +112,51 @@ def test_run_record_and_aggregate():
   assert row['runs'] == ['a', 'b'] and reproduce.aggregate([a])['quality_std'] == 0.0
 
 
-def test_claims_verdicts_follow_the_numbers():
-  grid_rows = []
-  for method, exits in (('free', (0.8, 0.8, 0.8, 0.9)), ('ce_only', (0.5, 0.5, 0.5, 0.9))):
-    row = reproduce.aggregate([_record(0.85, exits)])
-    row.update(method=method, label_fraction=0.1, seeds=[0, 1], mean_exit_quality_ci95=0.01)
-    grid_rows.append(row)
-  lines = reproduce.claims(grid_rows, comparable_drop=0.01)
-  assert '**holds**' in lines[0] and '+0.300' in lines[0]
+def _paired_rows(tmp_path, free_right, ce_right):
+  """FREE and CE rows of two seeds whose runs hold these right/wrong arrays (bool[S, E + 1, N])."""
+  rows = []
+  for method, right in (('free', free_right), ('ce_only', ce_right)):
+    runs = []
+    for seed, scores in enumerate(right):
+      run = tmp_path / method / str(seed)
+      run.mkdir(parents=True, exist_ok=True)
+      np.savez(run / reproduce.RIGHT_FILE, right=scores)
+      runs.append(str(run.relative_to(tmp_path)))
+    row = reproduce.aggregate([_record(0.85, tuple(right[0].mean(1)))])
+    row.update(method=method, label_fraction=0.1, seeds=[0, 1], runs=runs)
+    rows.append(row)
+  reproduce.add_paired(rows, str(tmp_path))
+  return rows
+
+
+def test_claims_verdicts_follow_the_paired_tests(tmp_path):
+  rng = np.random.default_rng(0)
+  ce = rng.random((2, 4, 400)) < 0.6
+  free = ce.copy()
+  free[:, :3] |= rng.random((2, 3, 400)) < 0.3  # FREE's exits get more questions right, lose none
+  rows = _paired_rows(tmp_path / 'better', free, ce)
+  paired = rows[0]['paired_vs_ce_only']
+  assert 'paired_vs_ce_only' not in rows[1]
+  assert paired['exit2']['a_only'] == int((free[:, 0] & ~ce[:, 0]).sum()) and paired['exit2']['b_only'] == 0
+  assert paired['mean_exit']['low'] > 0
+  lines = reproduce.claims(rows, comparable_drop=0.01)
+  assert '**holds**' in lines[0] and 'McNemar p=' in lines[0]
   assert 'inconclusive' in lines[1]  # equal overthinking
   assert '**does not hold**' in lines[3]  # best comparable speedup 1.0x < 1.51x
-  grid_rows[0]['mean_exit_quality_ci95'] = 0.5  # the difference is now inside the seeds' 95% interval
-  assert 'inconclusive' in reproduce.claims(grid_rows, 0.01)[0]
-  grid_rows[0]['mean_exit_quality_ci95'] = 0.0
-  for row in grid_rows:
-    row['num_test'] = 4  # 0.3 apart on 4 questions is within the test split's sampling error
-  assert 'inconclusive' in reproduce.claims(grid_rows, 0.01)[0]
-  for row in grid_rows:  # a backbone that is as good at every exit cannot test the claims: said first
+  assert '**does not hold**' in reproduce.claims(_paired_rows(tmp_path / 'worse', ce, free), 0.01)[0]
+  assert 'inconclusive' in reproduce.claims(_paired_rows(tmp_path / 'same', ce, ce), 0.01)[0]
+  for row in rows:  # a backbone that is as good at every exit cannot test the claims: said first
     row['naive_quality_at_exits'] = dict.fromkeys(row['naive_quality_at_exits'], 0.5)
-  assert reproduce.claims(grid_rows, 0.01)[0].startswith('- **Caveat')
+  assert reproduce.claims(rows, 0.01)[0].startswith('- **Caveat')
+
+
+def test_a_claim_the_backbone_cannot_test_is_said_once_not_judged(tmp_path):
+  ce = np.random.default_rng(1).random((2, 4, 50)) < 0.6
+  rows = _paired_rows(tmp_path, ce, ce)
+  for row in rows:  # a monotone per-layer curve: no mid-crisis to reduce
+    row['naive_mid_crisis_dip'] = 0.0
+  lines = reproduce.claims(rows, 0.01)
+  assert sum('(2b)' in line for line in lines) == 1 and 'cannot be tested here' in lines[0]
 
 
 def test_bad_grids_fail_clearly():

@@ -39,11 +39,11 @@ class PairedResult:
     return dataclasses.asdict(self)
 
 
-def _as_seeds(right: np.ndarray) -> np.ndarray:
-  right = np.asarray(right, bool)
-  if right.ndim not in (1, 2):
-    raise ValueError(f'right must be bool[N] or bool[S, N] (seeds, questions), got shape {right.shape}')
-  return right[None] if right.ndim == 1 else right
+def _as_seeds(scores: np.ndarray, dtype=bool) -> np.ndarray:
+  scores = np.asarray(scores, dtype)
+  if scores.ndim not in (1, 2):
+    raise ValueError(f'scores must be [N] or [S, N] (seeds, questions), got shape {scores.shape}')
+  return scores[None] if scores.ndim == 1 else scores
 
 
 def mcnemar(a_only: int, b_only: int) -> float:
@@ -52,11 +52,14 @@ def mcnemar(a_only: int, b_only: int) -> float:
   return 1.0 if n == 0 else float(scipy.stats.binomtest(int(a_only), n, 0.5).pvalue)
 
 
-def paired_bootstrap(right_a: np.ndarray, right_b: np.ndarray, *, samples: int = 2000, seed: int = 0
+def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, *, samples: int = 2000, seed: int = 0
                      ) -> tuple[float, float]:
-  """95% interval of mean(a) - mean(b), resampling questions (and seed pairs, for bool[S, N] inputs)."""
-  a, b = _as_seeds(right_a), _as_seeds(right_b)
-  delta = a.astype(np.float64) - b  # [S, N]: per seed pair and question
+  """95% interval of mean(a) - mean(b), resampling questions (and seed pairs, for [S, N] inputs); scores are
+  per question: right/wrong, or a share (e.g. of exits right)."""
+  a, b = _as_seeds(scores_a, np.float64), _as_seeds(scores_b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f'paired runs must score the same questions and seeds: shapes {a.shape} vs {b.shape}')
+  delta = a - b  # [S, N]: per seed pair and question
   rng = np.random.default_rng(seed)
   s, n = delta.shape
   seeds = rng.integers(0, s, size=(samples, s)) if s > 1 else np.zeros((samples, 1), int)
