@@ -27,7 +27,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from free_jax import configs
+from free_jax import configs, workdir_lock
 from free_jax.eval import analysis, paired, teacher_scores
 from free_jax.training import checkpoint, free_step, parallel, pipeline
 from free_jax.training import logging as metrics_logging
@@ -169,7 +169,8 @@ def run_one(config: ml_collections.ConfigDict, run_dir: str, backbone: pipeline.
     with open(record_path) as f:
       return json.load(f)
   start = time.perf_counter()
-  state = pipeline.exit_stage(config, run_dir, backbone, mesh)
+  with workdir_lock.hold(run_dir):  # two screens may share a workdir, never a run
+    state = pipeline.exit_stage(config, run_dir, backbone, mesh)
   train_s = time.perf_counter() - start
   scores = scorer(state.exits, test)
   np.savez(os.path.join(run_dir, RIGHT_FILE), right=scores.right, names=np.asarray(scores.names))
@@ -292,7 +293,7 @@ def write_results(rows: Sequence[Mapping[str, Any]], out_dir: str, screen: Scree
           if run in seen:
             continue  # a control shared by several variants: one line
           seen.add(run)
-          label = r['variant'] if role == 'run' else f"{r['control_mode']} ({r['variant']})"
+          label = r['variant'] if role == 'run' else f"{r['control_mode']} (control of {r['variant']})"
           label += f' seed {seed}' if len(r['seeds']) > 1 else ''
           curves[label] = ([p['step'] for p in curve],
                            [np.mean([p[f'val/{n}/answer_acc'] for n in r['exit_names']]) for p in curve])
