@@ -193,7 +193,8 @@ def _right(run_dir: str) -> np.ndarray:
 
 def run_screen(config: ml_collections.ConfigDict, workdir: str, screen: Screen, out_dir: str | None = None,
                log: Callable[[str], None] = print) -> list[dict]:
-  """Runs every variant and control of `screen` on `config`'s backbone; returns (and writes) the rows.
+  """Runs every variant and control of `screen` on `config`'s backbone; returns the rows, written to `out_dir`
+  (when given) as each pair finishes.
 
   A row = one variant at one label fraction: its test accuracies and its control's, per exit, mean over
   seeds, and the paired comparison per exit (`paired.compare` over the seeds' test questions).
@@ -215,9 +216,9 @@ def run_screen(config: ml_collections.ConfigDict, workdir: str, screen: Screen, 
                              right=_right(run_dir))
       p[f'{role}_name'] = name
     rows.setdefault((p['variant'], p['label_fraction']), []).append(p)
-  out = [_row(variant, fraction, group, records) for (variant, fraction), group in rows.items()]
-  if out_dir is not None:
-    write_results(out, out_dir, screen)
+    out = [_row(variant, fraction, group, records) for (variant, fraction), group in rows.items()]
+    if out_dir is not None:  # after every pair: a long screen shows what it has so far
+      write_results(out, out_dir, screen)
   return out
 
 
