@@ -91,7 +91,7 @@ class Screen:
   variants: tuple[str, ...]
   label_fractions: tuple[float, ...] = (0.01, 0.1)
   seeds: tuple[int, ...] = (0,)
-  steps: int = 4000
+  steps: int = 6000
   validate_every: int = 250
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
